@@ -1,0 +1,1 @@
+"""moejax.train."""
