@@ -128,11 +128,11 @@ class MoEConfig:
         _check_choice(c, "expert_parallel", self.expert_parallel, EXPERT_PARALLEL)
         _check_choice(c, "gmm_backend", self.gmm_backend, GMM_BACKENDS)
         if self.num_experts % self.n_groups:
-            _fail(c, "n_groups", self.n_groups,
-                  f"must divide num_experts={self.num_experts}")
+            _fail(c, "n_groups", self.n_groups, f"must divide num_experts={self.num_experts}")
         if self.topk_groups > self.n_groups:
             _fail(c, "topk_groups", self.topk_groups, f"must be <= n_groups={self.n_groups}")
-        if self.n_groups > 1 and self.top_k > self.topk_groups * (self.num_experts // self.n_groups):
+        per_group = self.num_experts // self.n_groups
+        if self.n_groups > 1 and self.top_k > self.topk_groups * per_group:
             _fail(c, "top_k", self.top_k, "must be <= topk_groups * experts per group")
         _check_positive(c, "capacity_factor", self.capacity_factor)
         _check_positive(c, "eval_capacity_factor", self.eval_capacity_factor)
@@ -156,7 +156,9 @@ class MoEConfig:
 
     @property
     def shared_hidden(self) -> int:
-        return self.shared_d_ff if self.shared_d_ff is not None else self.num_shared_experts * self.d_ff
+        if self.shared_d_ff is not None:
+            return self.shared_d_ff
+        return self.num_shared_experts * self.d_ff
 
     def capacity(self, num_tokens: int, *, train: bool) -> int:
         """Per-expert slots for `num_tokens` tokens: ceil(T * K / E * factor), >= min_capacity."""
@@ -227,22 +229,37 @@ class ModelConfig:
 
     def __post_init__(self):
         c = "ModelConfig"
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff",
-                     "max_len", "moe_every"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "d_ff",
+            "max_len",
+            "moe_every",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 _fail(c, name, v, "must be an integer >= 1")
         if self.num_heads % self.num_kv_heads:
-            _fail(c, "num_kv_heads", self.num_kv_heads,
-                  f"must divide num_heads={self.num_heads}")
+            _fail(c, "num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
         if self.head_dim is None and self.d_model % self.num_heads:
-            _fail(c, "num_heads", self.num_heads,
-                  f"must divide d_model={self.d_model} when head_dim is None")
+            _fail(
+                c,
+                "num_heads",
+                self.num_heads,
+                f"must divide d_model={self.d_model} when head_dim is None",
+            )
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             _fail(c, "head_dim", self.head_dim, "must be an even integer >= 2 (RoPE pairs)")
         if not 0 <= self.first_dense_layers <= self.num_layers:
-            _fail(c, "first_dense_layers", self.first_dense_layers,
-                  f"must be in [0, num_layers={self.num_layers}]")
+            _fail(
+                c,
+                "first_dense_layers",
+                self.first_dense_layers,
+                f"must be in [0, num_layers={self.num_layers}]",
+            )
         _check_choice(c, "dense_activation", self.dense_activation, ACTIVATIONS)
         _check_choice(c, "qk_norm", self.qk_norm, QK_NORMS)
         _check_choice(c, "attention", self.attention, ATTENTIONS)
@@ -282,7 +299,8 @@ def _from_mapping(cls, values: Mapping[str, Any]):
     if unknown:
         raise ValueError(
             f"{cls.__name__} has no field(s) {', '.join(unknown)}; known fields: "
-            f"{', '.join(sorted(names))}")
+            f"{', '.join(sorted(names))}"
+        )
     return cls(**values)
 
 
