@@ -1,0 +1,276 @@
+"""Grouped matmul in plain XLA: the CPU backend of `moejax.pallas.gmm`/`tgmm`.
+
+`jax.lax.ragged_dot` on CPU multiplies every row by every group's weight and masks (G times the
+FLOPs). Here the rows are laid out so that every group starts on a row-tile boundary ("padded
+layout": group g occupies ceil(s_g / tile_m) whole tiles, the tail of its last tile is zeros),
+and a `lax.scan` over the tiles multiplies each tile by its own group's weight only. The cost is
+the real FLOPs plus at most one partial tile per group, plus two row gathers (in and out of the
+padded layout). Tiles past the last used one are skipped with `lax.cond`.
+
+The functions are plain (no custom_vjp): `moejax.pallas.ops` wraps them. `padded_layout` is
+public so that dispatch code can gather tokens straight into the padded layout.
+
+Legend: M rows, K contraction width, N output width, G groups, P padded rows (= T_p * tile_m),
+T_p number of row tiles (static upper bound).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class PaddedLayout(NamedTuple):
+    """Where each row goes when every group is padded to a multiple of `tile_m` rows.
+
+    Attributes:
+      src_row_P: [P] int32, for each padded row the source row in [0, M), or M for a padding row
+        (gathering from an operand with one extra zero row makes padding rows zero).
+      dst_row_M: [M] int32, for each source row its padded row in [0, P), or P for rows past
+        sum(group_sizes) (gathering from a padded result with one extra zero row gives zeros).
+      tile_group_Tp: [T_p] int32, the group of each row tile (clamped to [0, G) for unused tiles).
+      num_used_tiles: scalar int32, tiles that hold at least one real row's group.
+    """
+
+    src_row_P: jax.Array
+    dst_row_M: jax.Array
+    tile_group_Tp: jax.Array
+    num_used_tiles: jax.Array
+
+
+def num_padded_tiles(num_rows: int, num_groups: int, tile_m: int) -> int:
+    """Static upper bound on sum_g ceil(s_g / tile_m) over all group_sizes with sum <= num_rows.
+
+    With n groups holding a partial tile, the full tiles use at least n rows fewer, so the count
+    is at most floor((M - n) / tile_m) + n, largest for n = min(G, M).
+    """
+    n = min(num_groups, num_rows)
+    return max((num_rows - n) // tile_m + n, 1)
+
+
+def padded_layout(group_sizes: jax.Array, num_rows: int, tile_m: int) -> PaddedLayout:
+    """Index maps between the consecutive-row layout and the tile-padded layout.
+
+    Args:
+      group_sizes: [G] int32, rows of each group, consecutive, sum <= num_rows.
+      num_rows: M, rows of the unpadded operand.
+      tile_m: row tile; every group starts at a multiple of it in the padded layout.
+
+    Returns:
+      A `PaddedLayout` with P = num_padded_tiles(M, G, tile_m) * tile_m padded rows.
+    """
+    num_groups = group_sizes.shape[0]
+    num_tiles = num_padded_tiles(num_rows, num_groups, tile_m)
+    padded_rows = num_tiles * tile_m
+    sizes_G = group_sizes.astype(jnp.int32)
+    tiles_G = (sizes_G + tile_m - 1) // tile_m
+    ends_G = jnp.cumsum(sizes_G)
+    starts_G = ends_G - sizes_G
+    tile_ends_G = jnp.cumsum(tiles_G)
+    pad_starts_G = (tile_ends_G - tiles_G) * tile_m
+
+    # Padded row p lies in tile p // tile_m; that tile's group is the first g whose cumulative
+    # tile count exceeds the tile index. Unused tiles (index >= total) clamp to the last group.
+    tile_Tp = jnp.arange(num_tiles, dtype=jnp.int32)
+    tile_group_Tp = jnp.searchsorted(tile_ends_G, tile_Tp, side="right").astype(jnp.int32)
+    tile_group_Tp = jnp.minimum(tile_group_Tp, num_groups - 1)
+    row_P = jnp.arange(padded_rows, dtype=jnp.int32)
+    group_P = jnp.repeat(tile_group_Tp, tile_m, total_repeat_length=padded_rows)
+    offset_P = row_P - pad_starts_G[group_P]
+    used_P = (offset_P < sizes_G[group_P]) & (row_P < tile_ends_G[-1] * tile_m)
+    src_row_P = jnp.where(used_P, starts_G[group_P] + offset_P, num_rows)
+
+    # Source row i belongs to the group whose row range [start, end) contains it.
+    row_M = jnp.arange(num_rows, dtype=jnp.int32)
+    group_M = jnp.minimum(jnp.searchsorted(ends_G, row_M, side="right"), num_groups - 1)
+    dst_row_M = jnp.where(
+        row_M < ends_G[-1], pad_starts_G[group_M] + row_M - starts_G[group_M], padded_rows
+    )
+    return PaddedLayout(src_row_P, dst_row_M.astype(jnp.int32), tile_group_Tp, tile_ends_G[-1])
+
+
+def _gather_rows(x_MxK: jax.Array, rows: jax.Array) -> jax.Array:
+    """x[rows] where rows == M selects a zero row (no clamping, no scatter)."""
+    zero = jnp.zeros((1, x_MxK.shape[1]), x_MxK.dtype)
+    return jnp.concatenate([x_MxK, zero], axis=0)[rows]
+
+
+def gmm_padded(
+    lhs_PxK: jax.Array,
+    rhs: jax.Array,
+    tile_group_Tp: jax.Array,
+    num_used_tiles: jax.Array,
+    *,
+    transpose_rhs: bool,
+    preferred_element_type: jnp.dtype,
+    tile_m: int,
+) -> jax.Array:
+    """Grouped matmul on rows already in the padded layout: tile t uses rhs[tile_group_Tp[t]].
+
+    Args:
+      lhs_PxK: [P, K] rows in the padded layout (P = T_p * tile_m).
+      rhs: [G, K, N], or [G, N, K] when transpose_rhs.
+      tile_group_Tp: [T_p] int32 group of each tile.
+      num_used_tiles: scalar; tiles at and past it are skipped and give zeros.
+      transpose_rhs: contract with rhs's last axis instead of its middle one.
+      preferred_element_type: dtype of the result (and of the per-tile accumulation).
+      tile_m: rows per tile.
+
+    Returns:
+      [P, N] in the padded layout.
+    """
+    num_tiles = tile_group_Tp.shape[0]
+    k = lhs_PxK.shape[1]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+
+    def tile_matmul(lhs_txK, g):
+        return jax.lax.dot_general(
+            lhs_txK, rhs[g], contract, preferred_element_type=preferred_element_type
+        )
+
+    def step(_, xs):
+        t, g, lhs_txK = xs
+        out = jax.lax.cond(
+            t < num_used_tiles,
+            tile_matmul,
+            lambda *_: jnp.zeros((tile_m, n), preferred_element_type),
+            lhs_txK,
+            g,
+        )
+        return None, out
+
+    xs = (
+        jnp.arange(num_tiles, dtype=jnp.int32),
+        tile_group_Tp,
+        lhs_PxK.reshape(num_tiles, tile_m, k),
+    )
+    _, out_TpxtxN = jax.lax.scan(step, None, xs)
+    return out_TpxtxN.reshape(num_tiles * tile_m, n)
+
+
+def gmm_xla(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    transpose_rhs: bool = False,
+    preferred_element_type: jnp.dtype | None = None,
+    tile_m: int = 256,
+) -> jax.Array:
+    """Grouped matmul, `jax.lax.ragged_dot` semantics, computing each row against its group only.
+
+    Args:
+      lhs: [M, K], rows grouped consecutively by `group_sizes`.
+      rhs: [G, K, N], or [G, N, K] with transpose_rhs.
+      group_sizes: [G] int32, sum <= M.
+      transpose_rhs: use rhs[g].T.
+      preferred_element_type: result dtype; None = lhs.dtype.
+      tile_m: row tile (padding granularity).
+
+    Returns:
+      [M, N]: row i of group g is lhs[i] @ rhs[g]; rows past sum(group_sizes) are zero.
+    """
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    num_rows = lhs.shape[0]
+    tile_m = max(1, min(tile_m, num_rows))
+    layout = padded_layout(group_sizes, num_rows, tile_m)
+    lhs_PxK = _gather_rows(lhs, layout.src_row_P)
+    out_PxN = gmm_padded(
+        lhs_PxK,
+        rhs,
+        layout.tile_group_Tp,
+        layout.num_used_tiles,
+        transpose_rhs=transpose_rhs,
+        preferred_element_type=out_dtype,
+        tile_m=tile_m,
+    )
+    return _gather_rows(out_PxN, layout.dst_row_M)
+
+
+def tgmm_padded(
+    lhs_PxK: jax.Array,
+    grad_PxN: jax.Array,
+    tile_group_Tp: jax.Array,
+    num_used_tiles: jax.Array,
+    *,
+    num_groups: int,
+    preferred_element_type: jnp.dtype,
+    tile_m: int,
+) -> jax.Array:
+    """Per-group lhs.T @ grad on the padded layout (padding rows must be zero in lhs or grad).
+
+    Returns:
+      [G, K, N]; groups with no tile are zero. Accumulates in float32 (or wider), then casts.
+    """
+    num_tiles = tile_group_Tp.shape[0]
+    k, n = lhs_PxK.shape[1], grad_PxN.shape[1]
+    acc_dtype = jnp.promote_types(preferred_element_type, jnp.float32)
+
+    def step(acc_GxKxN, xs):
+        t, g, lhs_txK, grad_txN = xs
+
+        def add(acc):
+            prod_KxN = jax.lax.dot_general(
+                lhs_txK, grad_txN, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype
+            )
+            return acc.at[g].add(prod_KxN)
+
+        return jax.lax.cond(t < num_used_tiles, add, lambda acc: acc, acc_GxKxN), None
+
+    xs = (
+        jnp.arange(num_tiles, dtype=jnp.int32),
+        tile_group_Tp,
+        lhs_PxK.reshape(num_tiles, tile_m, k),
+        grad_PxN.reshape(num_tiles, tile_m, n),
+    )
+    acc = jnp.zeros((num_groups, k, n), acc_dtype)
+    acc, _ = jax.lax.scan(step, acc, xs)
+    return acc.astype(preferred_element_type)
+
+
+def tgmm_xla(
+    lhs: jax.Array,
+    grad: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    num_groups: int | None = None,
+    preferred_element_type: jnp.dtype | None = None,
+    tile_m: int = 256,
+) -> jax.Array:
+    """Transposed grouped matmul: out[g] = lhs[rows_g].T @ grad[rows_g].
+
+    Args:
+      lhs: [M, K], rows grouped consecutively by `group_sizes`.
+      grad: [M, N], same row grouping.
+      group_sizes: [G] int32, sum <= M; rows past the sum are ignored.
+      num_groups: G (defaults to group_sizes.shape[0]; must equal it).
+      preferred_element_type: result dtype; None = lhs.dtype.
+      tile_m: row tile (padding granularity).
+
+    Returns:
+      [G, K, N]; an empty group gives zeros.
+    """
+    num_groups = group_sizes.shape[0] if num_groups is None else num_groups
+    if num_groups != group_sizes.shape[0]:
+        raise ValueError(
+            f"num_groups={num_groups} must equal group_sizes.shape[0]={group_sizes.shape[0]}"
+        )
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    num_rows = lhs.shape[0]
+    tile_m = max(1, min(tile_m, num_rows))
+    layout = padded_layout(group_sizes, num_rows, tile_m)
+    # Padding rows gather the extra zero row, so they add nothing to any group.
+    lhs_PxK = _gather_rows(lhs, layout.src_row_P)
+    grad_PxN = _gather_rows(grad, layout.src_row_P)
+    return tgmm_padded(
+        lhs_PxK,
+        grad_PxN,
+        layout.tile_group_Tp,
+        layout.num_used_tiles,
+        num_groups=num_groups,
+        preferred_element_type=out_dtype,
+        tile_m=tile_m,
+    )
