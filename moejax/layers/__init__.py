@@ -6,5 +6,29 @@ from moejax.layers.config import (
     model_config_from_dict,
     moe_config_from_dict,
 )
+from moejax.layers.losses import expert_load, load_balance_loss, router_entropy, router_z_loss
+from moejax.layers.router import (
+    ExpertChoiceOutput,
+    ExpertChoiceRouter,
+    RouterOutput,
+    TopKRouter,
+    topk_route,
+    update_expert_bias,
+)
 
-__all__ = ["ModelConfig", "MoEConfig", "model_config_from_dict", "moe_config_from_dict"]
+__all__ = [
+    "ModelConfig",
+    "MoEConfig",
+    "model_config_from_dict",
+    "moe_config_from_dict",
+    "ExpertChoiceOutput",
+    "ExpertChoiceRouter",
+    "RouterOutput",
+    "TopKRouter",
+    "topk_route",
+    "update_expert_bias",
+    "expert_load",
+    "load_balance_loss",
+    "router_entropy",
+    "router_z_loss",
+]
