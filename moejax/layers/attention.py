@@ -1,0 +1,218 @@
+"""Grouped-query causal self-attention with RoPE, optional q/k norms and qkv bias, and a KV cache.
+
+Legend: B batch, L query length, S key length (L, or max_len when decoding from the cache),
+D model width, H query heads, N key/value heads (H = N * G), G query heads per kv head,
+K head width.
+
+Parameters of `Attention` (logical axis names in brackets):
+  q/kernel [D, H, K] ("embed", "heads", "head_dim")      q/bias [H, K] when cfg.qkv_bias
+  k/kernel [D, N, K] ("embed", "kv_heads", "head_dim")   k/bias [N, K] when cfg.qkv_bias
+  v/kernel [D, N, K] ("embed", "kv_heads", "head_dim")   v/bias [N, K] when cfg.qkv_bias
+  o/kernel [H, K, D] ("heads", "head_dim", "embed")
+  q_norm/scale, k_norm/scale ("norm",): [K] for qk_norm="head", [H*K] / [N*K] for "full".
+Cache (collection "cache", created by the first decode call): cached_key / cached_value
+[B, max_len, N, K] in the compute dtype, cache_index int32 scalar (next slot to write).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moejax.layers.common import RMSNorm, apply_rope
+from moejax.layers.config import ModelConfig
+
+
+def causal_mask(q_slots_L: jax.Array, k_slots_S: jax.Array) -> jax.Array:
+    """[L, S] bool: query at sequence slot i may see the key at slot j iff j <= i."""
+    return k_slots_S[None, :] <= q_slots_L[:, None]
+
+
+def dot_product_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxSxNxK: jax.Array,
+    v_BxSxNxK: jax.Array,
+    mask_LxS: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Softmax attention where each group of G = H / N query heads shares one kv head.
+
+    Query head h reads kv head h // G (HF `repeat_kv` order). Scores and softmax are float32.
+
+    Args:
+      q_BxLxHxK, k_BxSxNxK, v_BxSxNxK: queries, keys, values (any float dtype).
+      mask_LxS: True where attending is allowed (broadcast over batch and heads).
+      scale: multiplies the scores (1/sqrt(K) for standard attention).
+
+    Returns:
+      [B, L, H, K] in v's dtype.
+    """
+    b, length, h, k = q_BxLxHxK.shape
+    n = k_BxSxNxK.shape[2]
+    if h % n:
+        raise ValueError(f"query heads H={h} must be a multiple of kv heads N={n}")
+    q_BxLxNxGxK = q_BxLxHxK.reshape(b, length, n, h // n, k)
+    scores_BxNxGxLxS = jnp.einsum(
+        "blngk,bsnk->bngls", q_BxLxNxGxK, k_BxSxNxK, preferred_element_type=jnp.float32
+    )
+    scores_BxNxGxLxS = scores_BxNxGxLxS * scale
+    # A finite fill (not -inf) keeps fully masked rows NaN-free; every real row has >= 1 key.
+    scores_BxNxGxLxS = jnp.where(mask_LxS, scores_BxNxGxLxS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores_BxNxGxLxS, axis=-1).astype(v_BxSxNxK.dtype)
+    out_BxLxNxGxK = jnp.einsum("bngls,bsnk->blngk", probs, v_BxSxNxK)
+    return out_BxLxNxGxK.reshape(b, length, h, v_BxSxNxK.shape[-1])
+
+
+def _kernel_init(in_axis, out_axis, names: tuple[str, ...]):
+    # lecun_normal with explicit fan axes: the default treats a 3-D kernel as a conv and would
+    # count H (or D) into fan_in.
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+    )
+    return nn.with_logical_partitioning(init, names)
+
+
+class HeadProjection(nn.Module):
+    """x [B, L, D] -> [B, L, heads, K]: param `kernel` [D, heads, K], optional `bias` [heads, K]."""
+
+    heads: int
+    head_dim: int
+    heads_axis: str
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        shape = (x_BxLxD.shape[-1], self.heads, self.head_dim)
+        init = _kernel_init(0, (1, 2), ("embed", self.heads_axis, "head_dim"))
+        kernel = self.param("kernel", init, shape, self.param_dtype)
+        y = jnp.einsum("bld,dhk->blhk", x_BxLxD.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias_init = nn.with_logical_partitioning(
+                nn.initializers.zeros, (self.heads_axis, "head_dim")
+            )
+            bias = self.param("bias", bias_init, shape[1:], self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class OutProjection(nn.Module):
+    """[B, L, H, K] -> [B, L, D]: param `kernel` [H, K, D]."""
+
+    d_model: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxHxK: jax.Array) -> jax.Array:
+        shape = (*x_BxLxHxK.shape[-2:], self.d_model)
+        init = _kernel_init((0, 1), 2, ("heads", "head_dim", "embed"))
+        kernel = self.param("kernel", init, shape, self.param_dtype)
+        return jnp.einsum("blhk,hkd->bld", x_BxLxHxK.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention (no residual, no pre-norm: the decoder layer adds those).
+
+    Attributes:
+      cfg: model config (heads, head_dim, rope_theta, qk_norm, qkv_bias, max_len, dtypes).
+      decode: read and extend the KV cache in collection "cache" (which must be mutable). A call
+        processes L >= 1 new tokens written at slots cache_index .. cache_index + L - 1; the
+        first decode call creates a zeroed cache of length cfg.max_len, so prefill is simply a
+        decode call on the prompt. Writing past max_len is not detected inside jit
+        (dynamic_update_slice clamps): callers such as `moejax.generate` check lengths first.
+    """
+
+    cfg: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+        """Self-attention over x.
+
+        Args:
+          x_BxLxD: layer input (already normed).
+          positions_BxL: RoPE positions; None means the sequence slots (arange(L), offset by
+            cache_index when decoding). Only RoPE reads them: the causal mask always follows the
+            sequence/cache order.
+
+        Returns:
+          [B, L, D] in cfg.dtype.
+        """
+        cfg = self.cfg
+        dtype, pdtype = cfg.compute_dtype, cfg.params_dtype
+        b, length, d = x_BxLxD.shape
+        h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        if self.decode and length > cfg.max_len:
+            raise ValueError(
+                f"decode input length {length} exceeds ModelConfig.max_len={cfg.max_len}"
+            )
+
+        def proj(name, heads, axis):
+            return HeadProjection(heads, k, axis, cfg.qkv_bias, dtype, pdtype, name=name)
+
+        q_BxLxHxK = proj("q", h, "heads")(x_BxLxD)
+        k_BxLxNxK = proj("k", n, "kv_heads")(x_BxLxD)
+        v_BxLxNxK = proj("v", n, "kv_heads")(x_BxLxD)
+
+        if cfg.qk_norm == "head":
+            # Qwen3-MoE: one [K] scale shared by all heads, normalising each head separately.
+            q_BxLxHxK = RMSNorm(cfg.norm_eps, dtype, pdtype, name="q_norm")(q_BxLxHxK)
+            k_BxLxNxK = RMSNorm(cfg.norm_eps, dtype, pdtype, name="k_norm")(k_BxLxNxK)
+        elif cfg.qk_norm == "full":
+            # OLMoE: one norm over all heads' features, before the split into heads.
+            q_flat = q_BxLxHxK.reshape(b, length, h * k)
+            k_flat = k_BxLxNxK.reshape(b, length, n * k)
+            q_BxLxHxK = RMSNorm(cfg.norm_eps, dtype, pdtype, name="q_norm")(q_flat).reshape(
+                b, length, h, k
+            )
+            k_BxLxNxK = RMSNorm(cfg.norm_eps, dtype, pdtype, name="k_norm")(k_flat).reshape(
+                b, length, n, k
+            )
+
+        if self.decode:
+            if not self.is_mutable_collection("cache"):
+                raise ValueError(
+                    "decode=True needs the 'cache' collection mutable: "
+                    "apply(..., mutable=['cache'])"
+                )
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            start = index.value
+            q_slots_L = start + jnp.arange(length, dtype=jnp.int32)
+        else:
+            q_slots_L = jnp.arange(length, dtype=jnp.int32)
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(q_slots_L, (b, length))
+        q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+        k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta)
+        q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+
+        if self.decode:
+            cache_shape = (b, cfg.max_len, n, k)
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, cache_shape, dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, cache_shape, dtype)
+            slot = (0, start, 0, 0)
+            cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxLxNxK, slot)
+            cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxLxNxK, slot)
+            index.value = start + length
+            k_BxSxNxK, v_BxSxNxK = cached_k.value, cached_v.value
+            # Slots past the write position are zeros and fall outside the causal mask.
+            k_slots_S = jnp.arange(cfg.max_len, dtype=jnp.int32)
+        else:
+            k_BxSxNxK, v_BxSxNxK = k_BxLxNxK, v_BxLxNxK
+            k_slots_S = q_slots_L
+        out_BxLxHxK = dot_product_attention(
+            q_BxLxHxK,
+            k_BxSxNxK,
+            v_BxSxNxK,
+            causal_mask(q_slots_L, k_slots_S),
+            scale=k**-0.5,
+        )
+        out_BxLxHxK = nn.with_logical_constraint(
+            out_BxLxHxK, ("batch", "length", "heads", "head_dim")
+        )
+        y_BxLxD = OutProjection(d, dtype, pdtype, name="o")(out_BxLxHxK)
+        return nn.with_logical_constraint(y_BxLxD, ("batch", "length", "embed"))
