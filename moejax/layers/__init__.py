@@ -15,6 +15,7 @@ from moejax.layers.router import (
     topk_route,
     update_expert_bias,
 )
+from moejax.layers.transformer import Transformer
 
 __all__ = [
     "ModelConfig",
@@ -31,4 +32,5 @@ __all__ = [
     "load_balance_loss",
     "router_entropy",
     "router_z_loss",
+    "Transformer",
 ]
