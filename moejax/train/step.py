@@ -1,0 +1,211 @@
+"""Pure train and eval steps.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function of its inputs (the step's
+randomness comes from `state.rng`), so it is jitted once with explicit shardings and donated
+state, and a restarted run reproduces the uninterrupted one exactly.
+
+Per step:
+  loss = mean next-token cross-entropy (nats per token; per byte for byte-level data)
+         + aux["aux_loss"] (already weighted by the MoE config's coefficients);
+  gradients averaged over `microbatches` equal slices of the batch (gradient accumulation);
+  clip + AdamW (the optimizer chain);
+  the aux-loss-free expert bias moves toward balance from this step's observed expert load
+  (`moejax.layers.router.update_expert_bias`), outside the optimizer;
+  a non-finite loss or gradient leaves params, optimizer and bias untouched and counts the step
+  in `state.skipped`.
+
+Shape legend: B batch, L sequence length, V vocabulary, M microbatches, E experts,
+N number of MoE layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.layers import ModelConfig, Transformer
+from moejax.train.state import StateSetup, TrainState
+
+# Aux scalars averaged into the metrics (the model's aux dict, see moejax.layers.Transformer).
+_AUX_SCALARS = (
+    "aux_loss",
+    "load_balance_loss",
+    "router_z_loss",
+    "dropped_fraction",
+    "router_entropy",
+)
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in float32 whatever the compute dtype."""
+    logits = logits_BxLxV.astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxL).mean()
+
+
+def _forward(
+    model: Transformer,
+    params: Any,
+    moe_state: Any,
+    tokens_BxL1: jax.Array,
+    rng: jax.Array,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    """Training loss of one (micro)batch and what the step needs besides its gradient."""
+    inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    variables = {"params": params}
+    if moe_state:
+        variables["moe_state"] = moe_state
+    (logits_BxLxV, aux), mutated = model.apply(
+        variables,
+        inputs_BxL,
+        deterministic=False,
+        mutable=["moe_stats"],
+        rngs={"jitter": rng},
+    )
+    ce = cross_entropy(logits_BxLxV, targets_BxL)
+    loss = ce + aux["aux_loss"]
+    metrics = {"loss": loss, "ce_loss": ce, **{k: aux[k] for k in _AUX_SCALARS if k in aux}}
+    # [N, E] for N >= 1 MoE layers; dense models report an empty or scalar placeholder.
+    if "expert_load" in aux and jnp.ndim(aux["expert_load"]) == 2 and aux["expert_load"].size:
+        metrics["expert_load"] = aux["expert_load"]
+    return loss, (metrics, mutated.get("moe_stats", {}))
+
+
+def bias_update_rate(model_cfg: ModelConfig) -> float | None:
+    """The expert-bias step size, or None when the model has no aux-loss-free bias."""
+    if model_cfg.moe is None or not model_cfg.moe.use_expert_bias:
+        return None
+    return model_cfg.moe.bias_update_rate
+
+
+def train_step(
+    state: TrainState,
+    tokens_BxL1: jax.Array,
+    *,
+    model: Transformer,
+    tx: optax.GradientTransformation,
+    microbatches: int = 1,
+    bias_rate: float | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch of token windows.
+
+    Args:
+      state: the TrainState.
+      tokens_BxL1: int32 [B, L + 1]; inputs are [:, :-1], targets [:, 1:].
+      model: the Transformer.
+      tx: the optimizer.
+      microbatches: M; B must be divisible by M. Gradients, metrics and expert loads are the
+        mean over the M equal slices, which equals the full-batch value for every term that is
+        a mean over tokens (cross-entropy, z-loss, load); the switch load-balance loss is a
+        product of batch means, so with M > 1 it is computed per microbatch.
+      bias_rate: step size of the aux-loss-free expert-bias update (`bias_update_rate`);
+        None leaves `moe_state` as it is.
+
+    Returns:
+      (new_state, metrics): metrics are float32 scalars (loss, ce_loss, aux terms, grad_norm,
+      skipped) plus `expert_load` [N, E] for MoE models with `skipped` 1.0 when this step's
+      update was not applied.
+    """
+    batch = tokens_BxL1.shape[0]
+    if batch % microbatches:
+        raise ValueError(
+            f"train.microbatches={microbatches} is invalid: must divide the batch size {batch}"
+        )
+    rng, step_rng = jax.random.split(state.rng)
+    grad_fn = jax.value_and_grad(functools.partial(_forward, model), has_aux=True)
+
+    if microbatches == 1:
+        (_, (metrics, moe_stats)), grads = grad_fn(
+            state.params, state.moe_state, tokens_BxL1, step_rng
+        )
+    else:
+        tokens_MxBxL1 = tokens_BxL1.reshape(microbatches, batch // microbatches, -1)
+        rngs_M = jax.random.split(step_rng, microbatches)
+
+        def one(carry, xs):
+            mb_tokens, mb_rng = xs
+            (_, (m, stats)), g = grad_fn(state.params, state.moe_state, mb_tokens, mb_rng)
+            # Running sums in float32; divided by M after the scan.
+            carry = jax.tree.map(lambda c, x: c + x.astype(jnp.float32), carry, (g, m, stats))
+            return carry, None
+
+        zeros = jax.eval_shape(
+            lambda: grad_fn(state.params, state.moe_state, tokens_MxBxL1[0], rngs_M[0])
+        )
+        (_, (m_shape, stats_shape)), g_shape = zeros
+        init = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, jnp.float32), (g_shape, m_shape, stats_shape)
+        )
+        sums, _ = jax.lax.scan(one, init, (tokens_MxBxL1, rngs_M))
+        grads, metrics, moe_stats = jax.tree.map(lambda s: s / microbatches, sums)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_moe_state = state.moe_state
+    if bias_rate is not None and state.moe_state:
+        from moejax.layers.router import update_expert_bias
+
+        new_moe_state = update_expert_bias(state.moe_state, moe_stats, bias_rate)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_if_finite(new_params, state.params),
+        opt_state=keep_if_finite(new_opt_state, state.opt_state),
+        moe_state=keep_if_finite(new_moe_state, state.moe_state),
+        rng=rng,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+    metrics["grad_norm"] = grad_norm.astype(jnp.float32)
+    metrics["skipped"] = (~finite).astype(jnp.float32)
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, tokens_BxL1: jax.Array, *, model: Transformer) -> dict:
+    """Deterministic loss of a batch: cross-entropy (nats per token) and the aux terms."""
+    inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    variables = {"params": state.params}
+    if state.moe_state:
+        variables["moe_state"] = state.moe_state
+    logits_BxLxV, aux = model.apply(variables, inputs_BxL, deterministic=True)
+    metrics = {"ce_loss": cross_entropy(logits_BxLxV, targets_BxL)}
+    metrics.update({k: aux[k].astype(jnp.float32) for k in _AUX_SCALARS if k in aux})
+    return metrics
+
+
+def jit_train_step(setup: StateSetup, microbatches: int = 1):
+    """train_step jitted once: explicit in/out shardings, the state donated (updated in place)."""
+    fn = functools.partial(
+        train_step,
+        model=setup.model,
+        tx=setup.tx,
+        microbatches=microbatches,
+        bias_rate=bias_update_rate(setup.model_cfg),
+    )
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        fn,
+        in_shardings=(setup.state_shardings, setup.batch_sharding),
+        out_shardings=(setup.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def jit_eval_step(setup: StateSetup):
+    """eval_step jitted with the state's shardings (not donated: training continues from it)."""
+    fn = functools.partial(eval_step, model=setup.model)
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        fn,
+        in_shardings=(setup.state_shardings, setup.batch_sharding),
+        out_shardings=replicated,
+    )
