@@ -6,7 +6,9 @@ from moejax.layers.config import (
     model_config_from_dict,
     moe_config_from_dict,
 )
+from moejax.layers.experts import Experts
 from moejax.layers.losses import expert_load, load_balance_loss, router_entropy, router_z_loss
+from moejax.layers.moe import MoE
 from moejax.layers.router import (
     ExpertChoiceOutput,
     ExpertChoiceRouter,
@@ -33,4 +35,6 @@ __all__ = [
     "router_entropy",
     "router_z_loss",
     "Transformer",
+    "Experts",
+    "MoE",
 ]

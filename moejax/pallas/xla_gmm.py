@@ -125,11 +125,13 @@ def gmm_padded(
     k = lhs_PxK.shape[1]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+    # Accumulate each tile in float32 (or wider) even for bf16 results; the tile is the whole
+    # contraction, so the cast happens once per output element.
+    acc_dtype = jnp.promote_types(preferred_element_type, jnp.float32)
 
     def tile_matmul(lhs_txK, g):
-        return jax.lax.dot_general(
-            lhs_txK, rhs[g], contract, preferred_element_type=preferred_element_type
-        )
+        out = jax.lax.dot_general(lhs_txK, rhs[g], contract, preferred_element_type=acc_dtype)
+        return out.astype(preferred_element_type)
 
     def step(_, xs):
         t, g, lhs_txK = xs
