@@ -97,6 +97,14 @@ def _gather_rows(x_MxK: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.concatenate([x_MxK, zero], axis=0)[rows]
 
 
+def _zeros_varying_like(shape, dtype, *like: jax.Array) -> jax.Array:
+    """Zeros varying over the same shard_map axes as `like`: inside shard_map (check_vma) both
+    lax.cond branches, and a scan's carry and body, must agree on them. Plain zeros outside."""
+    axes = set().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
 def gmm_padded(
     lhs_PxK: jax.Array,
     rhs: jax.Array,
@@ -121,6 +129,7 @@ def gmm_padded(
     Returns:
       [P, N] in the padded layout.
     """
+    rhs = jnp.asarray(rhs)
     num_tiles = tile_group_Tp.shape[0]
     k = lhs_PxK.shape[1]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -130,7 +139,8 @@ def gmm_padded(
     acc_dtype = jnp.promote_types(preferred_element_type, jnp.float32)
 
     def tile_matmul(lhs_txK, g):
-        out = jax.lax.dot_general(lhs_txK, rhs[g], contract, preferred_element_type=acc_dtype)
+        rhs_g = jax.lax.dynamic_index_in_dim(rhs, g, keepdims=False)
+        out = jax.lax.dot_general(lhs_txK, rhs_g, contract, preferred_element_type=acc_dtype)
         return out.astype(preferred_element_type)
 
     def step(_, xs):
@@ -138,7 +148,7 @@ def gmm_padded(
         out = jax.lax.cond(
             t < num_used_tiles,
             tile_matmul,
-            lambda *_: jnp.zeros((tile_m, n), preferred_element_type),
+            lambda *_: _zeros_varying_like((tile_m, n), preferred_element_type, lhs_PxK, rhs),
             lhs_txK,
             g,
         )
@@ -228,7 +238,7 @@ def tgmm_padded(
         lhs_PxK.reshape(num_tiles, tile_m, k),
         grad_PxN.reshape(num_tiles, tile_m, n),
     )
-    acc = jnp.zeros((num_groups, k, n), acc_dtype)
+    acc = _zeros_varying_like((num_groups, k, n), acc_dtype, lhs_PxK, grad_PxN)
     acc, _ = jax.lax.scan(step, acc, xs)
     return acc.astype(preferred_element_type)
 
