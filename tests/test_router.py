@@ -203,7 +203,7 @@ def test_topk_gradients_match_reference(kw):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
     # Finite differences on the real module: selection is piecewise constant, so small steps
     # measure the gradient of the gathered weights.
-    check_grads(loss, args, order=1, modes=("rev",), eps=1e-3, atol=2e-2, rtol=2e-2)
+    check_grads(jax.jit(loss), args, order=1, modes=("rev",), eps=1e-3, atol=2e-2, rtol=2e-2)
 
 
 def test_bias_shifts_selection_not_weights():
@@ -504,3 +504,40 @@ def test_expert_choice_jitter_and_init():
         variables, jnp.asarray(x), deterministic=False, rngs={"jitter": jax.random.key(2)}
     )
     assert not np.allclose(det.logits, jit.logits)
+
+
+def test_router_under_scan_stacks_state_and_stats():
+    """The decoder scans layers: bias and load come out stacked [layers, E] at matching paths."""
+    import flax.linen as nn
+
+    cfg = MoEConfig(num_experts=4, top_k=2, use_expert_bias=True, jitter_eps=0.1)
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return x, TopKRouter(cfg, name="router")(x, deterministic=False).indices
+
+    stack = nn.scan(
+        Layer,
+        variable_axes={"params": 0, "moe_state": 0, "moe_stats": 0},
+        split_rngs={"params": True, "jitter": True},
+        length=3,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )()
+    x = jnp.asarray(_data(16, t=10)[0])
+    rngs = {"params": jax.random.key(0), "jitter": jax.random.key(1)}
+    variables = stack.init(rngs, x, None)
+    assert "moe_stats" not in variables
+    apply = jax.jit(
+        lambda v, x: stack.apply(
+            v, x, None, mutable=["moe_stats"], rngs={"jitter": jax.random.key(2)}
+        )
+    )
+    (_, indices_LxTxK), stats = apply(variables, x)
+    load_LxE = np.asarray(stats["moe_stats"]["router"]["expert_load"])
+    assert load_LxE.shape == (3, 4)
+    for layer in range(3):
+        ref = np.bincount(np.asarray(indices_LxTxK[layer]).ravel(), minlength=4) / 20
+        np.testing.assert_allclose(load_LxE[layer], ref)
+    new = update_expert_bias(variables["moe_state"], stats["moe_stats"], 0.5)
+    np.testing.assert_array_equal(new["router"]["expert_bias"], 0.5 * np.sign(0.25 - load_LxE))
