@@ -1,0 +1,416 @@
+"""Pallas Mosaic (TPU) grouped matmul kernels, run on CPU in the TPU interpreter.
+
+Checks the three products (gmm, gmm with transposed rhs, tgmm) against `jax.lax.ragged_dot` and a
+float64 numpy reference, the gradients through `moejax.pallas.gmm(..., backend="mosaic")`, the
+absence of races (interpreter race detector), the step schedule's invariants, and that every
+tuned tiling lowers for the real TPU target (`lower(lowering_platforms=("tpu",))`, no device).
+
+Legend: M rows, K contraction width, N output width, G groups.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+import moejax.pallas
+from moejax.pallas import mosaic_gmm
+from moejax.pallas.mosaic_gmm import MosaicConfig, gmm_mosaic, tgmm_mosaic
+
+# Relative/absolute tolerances per input dtype: f32 differs from the oracle only by summation
+# order; bf16 results are rounded to 8 mantissa bits (when the output is bf16).
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
+
+
+def _offsets(group_sizes):
+    return np.concatenate([[0], np.cumsum(group_sizes)])
+
+
+def np_gmm(lhs_MxK, rhs_GxKxN, group_sizes):
+    """float64 reference: rows of group g times rhs[g]; rows past the groups are zero."""
+    lhs, rhs = np.asarray(lhs_MxK, np.float64), np.asarray(rhs_GxKxN, np.float64)
+    out = np.zeros((lhs.shape[0], rhs.shape[2]))
+    off = _offsets(group_sizes)
+    for g in range(rhs.shape[0]):
+        out[off[g] : off[g + 1]] = lhs[off[g] : off[g + 1]] @ rhs[g]
+    return out
+
+
+def np_tgmm(lhs_MxK, grad_MxN, group_sizes):
+    """float64 reference: out[g] = lhs[rows_g].T @ grad[rows_g]; empty groups are zero."""
+    lhs, grad = np.asarray(lhs_MxK, np.float64), np.asarray(grad_MxN, np.float64)
+    off = _offsets(group_sizes)
+    return np.stack(
+        [lhs[off[g] : off[g + 1]].T @ grad[off[g] : off[g + 1]] for g in range(len(group_sizes))]
+    )
+
+
+def ragged_tgmm(lhs_MxK, grad_MxN, group_sizes):
+    """The oracle for tgmm: ragged_dot_general with the rows as the ragged contracting axis."""
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([0], [0]), ([], [])),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[],
+    )
+    return jax.lax.ragged_dot_general(
+        lhs_MxK, grad_MxN, group_sizes, dims, preferred_element_type=jnp.float32
+    )
+
+
+def _f32(x):
+    return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+# (M, K, N, group sizes, tiles): sizes not multiples of the tiles (M, K and N all padded), empty
+# groups, groups sharing row tiles, sum < M, several k and n tiles; and the tuned-table path
+# (config=None, tiles shrunk to the problem).
+CASES = {
+    "random_with_empty_and_tail": (
+        200,
+        200,
+        250,
+        [30, 0, 77, 1, 50],
+        MosaicConfig(tm=32, tk=128, tn=128),
+    ),
+    "tuned_table_tiles": (96, 128, 128, [0, 40, 8, 0, 30], None),
+}
+
+
+def _check_all_products(lhs, rhs, grad, sizes, config, tol):
+    """gmm, transposed-rhs gmm and tgmm against ragged_dot and numpy; exact zeros where due."""
+    m, n = grad.shape
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    total = int(np.sum(sizes))
+    msg = f"group sizes {list(sizes)}"
+
+    # Forward, output in the input dtype.
+    out = gmm_mosaic(lhs, rhs, group_sizes, config=config, interpret=True)
+    assert out.shape == (m, n) and out.dtype == lhs.dtype
+    oracle = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(_f32(out), _f32(oracle), **tol, err_msg=msg)
+    np.testing.assert_allclose(_f32(out), np_gmm(_f32(lhs), _f32(rhs), sizes), **tol, err_msg=msg)
+    # Exactly zero (not merely small, not the interpreter's NaN fill) past the groups.
+    assert np.all(_f32(out)[total:] == 0.0), msg
+
+    # d_lhs product: rhs stored [G, N, K], f32 output requested.
+    out_t = gmm_mosaic(
+        lhs,
+        jnp.swapaxes(rhs, 1, 2),
+        group_sizes,
+        transpose_rhs=True,
+        preferred_element_type=jnp.float32,
+        config=config,
+        interpret=True,
+    )
+    assert out_t.dtype == jnp.float32
+    np.testing.assert_allclose(_f32(out_t), _f32(oracle), rtol=1e-5, atol=1e-4, err_msg=msg)
+    assert np.all(_f32(out_t)[total:] == 0.0), msg
+
+    # d_rhs product, f32 output.
+    d_rhs = tgmm_mosaic(
+        lhs, grad, group_sizes, preferred_element_type=jnp.float32, config=config, interpret=True
+    )
+    assert d_rhs.shape == (len(sizes), lhs.shape[1], n) and d_rhs.dtype == jnp.float32
+    np.testing.assert_allclose(
+        _f32(d_rhs), _f32(ragged_tgmm(lhs, grad, group_sizes)), rtol=1e-5, atol=1e-4, err_msg=msg
+    )
+    np.testing.assert_allclose(
+        _f32(d_rhs), np_tgmm(_f32(lhs), _f32(grad), sizes), rtol=1e-5, atol=1e-4, err_msg=msg
+    )
+    for g, size in enumerate(sizes):
+        if size == 0:
+            assert np.all(_f32(d_rhs[g]) == 0.0), msg
+
+
+def _operands(m, k, n, g, dtype, seed):
+    rng = np.random.default_rng(seed)
+    lhs = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    rhs = jnp.asarray(rng.standard_normal((g, k, n)), dtype)
+    grad = jnp.asarray(rng.standard_normal((m, n)), dtype)
+    return lhs, rhs, grad
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_products_match_ragged_dot_and_numpy(case, dtype):
+    m, k, n, sizes, config = CASES[case]
+    lhs, rhs, grad = _operands(m, k, n, len(sizes), dtype, seed=0)
+    _check_all_products(lhs, rhs, grad, sizes, config, TOL[dtype])
+
+
+# One shape (so each kernel compiles once) with many group-size patterns.
+PATTERN_SHAPE = dict(m=120, k=128, n=128, g=6)
+PATTERN_CONFIG = MosaicConfig(tm=16, tk=128, tn=128)
+
+
+def test_group_size_patterns():
+    """Random sizes with zeros, one group with all rows, all groups empty, tile-aligned."""
+    m, g = PATTERN_SHAPE["m"], PATTERN_SHAPE["g"]
+    lhs, rhs, grad = _operands(**PATTERN_SHAPE, dtype=jnp.float32, seed=1)
+    rng = np.random.default_rng(1)
+    patterns = [
+        [0, 0, m, 0, 0, 0],  # one group owns every row
+        [0, 0, 0, 0, 0, 0],  # no rows at all: every output row is tail
+        [16, 32, 0, 16, 48, 8],  # boundaries on tile edges, sum == M
+        [0, 0, 0, 0, 0, 7],  # only the last group, ends mid-tile
+    ]
+    for _ in range(3):
+        total = int(rng.integers(0, m + 1))
+        cuts = np.sort(rng.integers(0, total + 1, size=g - 1))
+        sizes = np.diff(np.concatenate([[0], cuts, [total]]))
+        sizes[rng.integers(0, g - 1)] = 0
+        sizes[-1] += total - sizes.sum()
+        patterns.append(sizes.tolist())
+    for sizes in patterns:
+        _check_all_products(lhs, rhs, grad, sizes, PATTERN_CONFIG, TOL[jnp.float32])
+
+
+def test_rows_past_groups_do_not_leak():
+    """inf/nan in rows past sum(group_sizes) must not reach the results (0 * inf = nan)."""
+    lhs, rhs, grad = _operands(**PATTERN_SHAPE, dtype=jnp.float32, seed=2)
+    # Ends mid-tile: the tile holding row 49 mixes real and foreign rows.
+    sizes = [10, 0, 13, 0, 26, 0]
+    lhs = np.asarray(lhs).copy()
+    grad = np.asarray(grad).copy()
+    lhs[49:] = np.inf
+    grad[49:] = np.nan
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    out = gmm_mosaic(jnp.asarray(lhs), rhs, group_sizes, config=PATTERN_CONFIG, interpret=True)
+    np.testing.assert_allclose(_f32(out[:49]), np_gmm(lhs[:49], rhs, sizes), **TOL[jnp.float32])
+    assert np.all(_f32(out[49:]) == 0.0)
+    d_rhs = tgmm_mosaic(
+        jnp.asarray(lhs), jnp.asarray(grad), group_sizes, config=PATTERN_CONFIG, interpret=True
+    )
+    np.testing.assert_allclose(_f32(d_rhs), np_tgmm(lhs[:49], grad[:49], sizes), **TOL[jnp.float32])
+
+
+@pytest.mark.parametrize(
+    "dtype,transpose_rhs", [(jnp.float32, False), (jnp.bfloat16, True)], ids=["f32", "bf16_t"]
+)
+def test_gradients_through_public_op(dtype, transpose_rhs):
+    """jax.grad through moejax.pallas.gmm(backend="mosaic") equals the ragged_dot gradient."""
+    m, k, n, sizes = 72, 128, 136, [20, 0, 33, 9]
+    config = MosaicConfig(tm=16, tk=128, tn=128)
+    rng = np.random.default_rng(3)
+    lhs = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    shape = (len(sizes), n, k) if transpose_rhs else (len(sizes), k, n)
+    rhs = jnp.asarray(rng.standard_normal(shape), dtype)
+    cot = jnp.asarray(rng.standard_normal((m, n)), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+
+    def loss(lhs, rhs, backend, **kw):
+        out = moejax.pallas.gmm(
+            lhs,
+            rhs,
+            group_sizes,
+            transpose_rhs=transpose_rhs,
+            preferred_element_type=jnp.float32,
+            backend=backend,
+            **kw,
+        )
+        return jnp.sum(out * cot)
+
+    grads = jax.grad(loss, argnums=(0, 1))(lhs, rhs, "mosaic", config=config, interpret=True)
+    oracle = jax.grad(loss, argnums=(0, 1))(lhs, rhs, "ragged_dot")
+    for got, want in zip(grads, oracle, strict=True):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(_f32(got), _f32(want), **TOL[dtype])
+    # Independent check of d_rhs against numpy: tgmm of the bf16-rounded cotangent (the op
+    # brings the f32 cotangent to the input dtype before the backward kernels).
+    cot_in = _f32(cot.astype(dtype))
+    want_drhs = np_tgmm(_f32(lhs), cot_in, sizes)
+    if transpose_rhs:
+        want_drhs = np.swapaxes(want_drhs, 1, 2)
+    np.testing.assert_allclose(_f32(grads[1]), want_drhs, **TOL[dtype])
+
+
+def test_race_detector_finds_no_races_on_two_cores():
+    """Two simulated TensorCores split the "parallel" grid axes; no block is written by both."""
+    params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2, random_seed=7)
+    m, k, n, sizes = 80, 256, 256, [20, 0, 45, 3]
+    config = MosaicConfig(tm=16, tk=128, tn=128)
+    rng = np.random.default_rng(4)
+    lhs = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((len(sizes), k, n)), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+
+    out = gmm_mosaic(lhs, rhs, group_sizes, config=config, interpret=params)
+    out.block_until_ready()
+    assert not tpu_interpret.races.races_found
+    np.testing.assert_allclose(_f32(out), np_gmm(lhs, rhs, sizes), **TOL[jnp.float32])
+
+    d_rhs = tgmm_mosaic(lhs, out, group_sizes, config=config, interpret=params)
+    d_rhs.block_until_ready()
+    assert not tpu_interpret.races.races_found
+    np.testing.assert_allclose(_f32(d_rhs), np_tgmm(lhs, out, sizes), **TOL[jnp.float32])
+
+
+def test_race_detector_is_live():
+    """Canary: the same interpreter settings do flag two cores writing one block."""
+
+    def racy(x_ref, o_ref):
+        o_ref[...] = x_ref[...] + pl.program_id(0).astype(jnp.float32)
+
+    call = pl.pallas_call(
+        racy,
+        out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
+        grid=(4,),
+        in_specs=[pl.BlockSpec((8, 128), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((8, 128), lambda i: (0, 0)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
+    )
+    call(jnp.ones((8, 128), jnp.float32)).block_until_ready()
+    assert tpu_interpret.races.races_found
+
+
+@pytest.mark.parametrize("zero_tail,visit_empty", [(True, False), (False, True)])
+def test_schedule_invariants(zero_tail, visit_empty):
+    """The step list visits each (group, row tile) pair once, in row order, within the bound."""
+    tm, m = 16, 150
+    m_pad = 160
+    rng = np.random.default_rng(5)
+    g = 5
+    make = jax.jit(
+        functools.partial(
+            mosaic_gmm._make_schedule,
+            m=m,
+            m_pad=m_pad,
+            tm=tm,
+            zero_tail=zero_tail,
+            visit_empty=visit_empty,
+        )
+    )
+    max_steps = m_pad // tm + g + (1 if zero_tail else 0) - 1
+    for _ in range(30):
+        total = int(rng.integers(0, m + 1))
+        cuts = np.sort(rng.integers(0, total + 1, size=g - 1))
+        sizes = np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int32)
+        sched, steps = make(jnp.asarray(sizes))
+        # Expected visits, from first principles.
+        ends = np.cumsum(sizes)
+        if zero_tail:
+            ends = np.append(ends, m_pad)
+        starts = np.concatenate([[0], ends[:-1]])
+        want = []
+        for j, (s, e) in enumerate(zip(starts, ends, strict=True)):
+            if e > s:
+                want += [(j, t, j < g) for t in range(s // tm, (e - 1) // tm + 1)]
+            elif visit_empty:
+                want.append((j, None, False))
+        num = int(sched.num_steps[0])
+        assert num == len(want) <= steps == max_steps
+        groups, tiles = np.asarray(sched.step_group_T), np.asarray(sched.step_tile_T)
+        compute = np.asarray(sched.compute_T)
+        for t, (j, tile, comp) in enumerate(want):
+            assert groups[t] == j and compute[t] == comp
+            if tile is not None:
+                assert tiles[t] == tile
+        # Idle steps replay the last real step and never compute.
+        assert np.all(groups[num:] == groups[num - 1]) and np.all(tiles[num:] == tiles[num - 1])
+        assert not compute[num:].any()
+        assert np.all(np.diff(tiles[:num][compute[:num] == 1]) >= 0)
+        np.testing.assert_array_equal(np.asarray(sched.group_offsets)[1:], ends)
+        # Computing steps fetch their own blocks; the others repeat the previous step's blocks
+        # (no DMA), and the weight block index is always a real group.
+        fetch_tile, fetch_group = np.asarray(sched.fetch_tile_T), np.asarray(sched.fetch_group_T)
+        on = compute == 1
+        np.testing.assert_array_equal(fetch_tile[on], tiles[on])
+        np.testing.assert_array_equal(fetch_group[on], groups[on])
+        idle = np.flatnonzero(~on)
+        idle = idle[idle > 0]
+        np.testing.assert_array_equal(fetch_tile[idle], fetch_tile[idle - 1])
+        np.testing.assert_array_equal(fetch_group[idle], fetch_group[idle - 1])
+        assert fetch_group.min() >= 0 and fetch_group.max() < g
+
+
+def _lower_for_tpu(fn, *args):
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
+    text = lowered.as_text()
+    assert "tpu_custom_call" in text
+    return text
+
+
+@pytest.mark.parametrize("key", list(mosaic_gmm.TUNED_CONFIGS), ids=lambda k: "-".join(k))
+def test_tuned_tiling_lowers_for_tpu(key):
+    """Every tuned entry lowers for TPU (Pallas/Mosaic block-shape rules) with all products."""
+    product, dtype_name, size_class = key
+    config = mosaic_gmm.TUNED_CONFIGS[key]
+    dtype = jnp.dtype(dtype_name)
+    m, g = 4096, 8
+    k, n = (2048, 5120) if size_class == "large" else (512, 640)
+    assert mosaic_gmm.lookup_config(product, dtype, k, n) is config
+    sds = jax.ShapeDtypeStruct
+    lhs, sizes = sds((m, k), dtype), sds((g,), jnp.int32)
+    rhs = sds((g, k, n), dtype)
+    rhs_t = sds((g, n, k), dtype)
+    grad = sds((m, n), dtype)
+    for out_dtype in (None, jnp.float32):
+        # The product the entry is tuned for, through the table lookup (config=None) ...
+        if product == "tgmm":
+            _lower_for_tpu(
+                functools.partial(tgmm_mosaic, preferred_element_type=out_dtype), lhs, grad, sizes
+            )
+        else:
+            transpose = product == "gmm_t"
+            _lower_for_tpu(
+                functools.partial(
+                    gmm_mosaic, transpose_rhs=transpose, preferred_element_type=out_dtype
+                ),
+                lhs,
+                rhs_t if transpose else rhs,
+                sizes,
+            )
+        # ... and the entry's tiles on all three products.
+        kw = dict(preferred_element_type=out_dtype, config=config)
+        _lower_for_tpu(functools.partial(gmm_mosaic, **kw), lhs, rhs, sizes)
+        _lower_for_tpu(functools.partial(gmm_mosaic, transpose_rhs=True, **kw), lhs, rhs_t, sizes)
+        _lower_for_tpu(functools.partial(tgmm_mosaic, **kw), lhs, grad, sizes)
+    # Fits the default scoped VMEM with the widest (f32) output.
+    tm, tk, tn = config.tm, config.tk, config.tn
+    if product == "tgmm":
+        blocks = [((tm, tk), dtype), ((tm, tn), dtype), ((tk, tn), jnp.float32)]
+        acc = (tk, tn)
+    else:
+        blocks = [((tm, tk), dtype), ((tk, tn), dtype), ((tm, tn), jnp.float32)]
+        acc = (tm, tn)
+    assert mosaic_gmm._vmem_bytes(blocks, acc) <= mosaic_gmm._DEFAULT_SCOPED_VMEM_BYTES
+
+
+def test_illegal_tiling_is_caught_by_tpu_lowering():
+    """The lowering check is not vacuous: a 64-wide K tile violates the (8, 128) rule."""
+    config = MosaicConfig(tm=128, tk=128, tn=128)
+    object.__setattr__(config, "tk", 64)  # bypass MosaicConfig's own check on purpose
+    sds = jax.ShapeDtypeStruct
+    with pytest.raises(Exception, match="divisible by 8 and 128"):
+        _lower_for_tpu(
+            lambda a, b, c: gmm_mosaic(a, b, c, config=config),
+            sds((512, 512), jnp.bfloat16),
+            sds((4, 512, 512), jnp.bfloat16),
+            sds((4,), jnp.int32),
+        )
+
+
+def test_bad_arguments_raise_value_error():
+    lhs = jnp.zeros((32, 128), jnp.bfloat16)
+    rhs = jnp.zeros((2, 128, 128), jnp.bfloat16)
+    sizes = jnp.array([16, 16], jnp.int32)
+    with pytest.raises(ValueError, match="MosaicConfig.tm"):
+        MosaicConfig(tm=12)
+    with pytest.raises(ValueError, match="MosaicConfig.tn"):
+        MosaicConfig(tn=96)
+    with pytest.raises(ValueError, match="tm=8 must be a multiple of 16"):
+        gmm_mosaic(lhs, rhs, sizes, config=MosaicConfig(tm=8), interpret=True)
+    with pytest.raises(ValueError, match="lhs must be float32 or bfloat16"):
+        gmm_mosaic(lhs.astype(jnp.float16), rhs, sizes, interpret=True)
+    with pytest.raises(ValueError, match="disagree on K"):
+        gmm_mosaic(lhs, jnp.zeros((2, 128, 256), jnp.bfloat16), sizes, transpose_rhs=True)
+    with pytest.raises(ValueError, match="num_groups=3"):
+        tgmm_mosaic(lhs, lhs, sizes, num_groups=3, interpret=True)
+    with pytest.raises(ValueError, match="interpret must be"):
+        gmm_mosaic(lhs, rhs, sizes, interpret="yes")
