@@ -83,7 +83,7 @@ def sort_by_expert(indices_TxK: jax.Array, num_experts: int) -> tuple[jax.Array,
       assign_of_sorted_M: [M] int32 flat assignment index t * K + k of each sorted position.
       group_sizes_E: [E] int32 assignments per expert.
     """
-    expert_M = indices_TxK.reshape(-1).astype(jnp.int32)
+    expert_M = jnp.asarray(indices_TxK).reshape(-1).astype(jnp.int32)
     assign_of_sorted_M = jnp.argsort(expert_M, stable=True).astype(jnp.int32)
     group_sizes_E = jnp.zeros((num_experts,), jnp.int32).at[expert_M].add(1)
     return assign_of_sorted_M, group_sizes_E
@@ -154,7 +154,7 @@ def capacity_plan(
     """
     num_tokens, top_k = indices_TxK.shape
     num_assign = num_tokens * top_k
-    expert_M = indices_TxK.reshape(-1).astype(jnp.int32)
+    expert_M = jnp.asarray(indices_TxK).reshape(-1).astype(jnp.int32)
     if drop_policy == "position":
         priority_M = jnp.arange(num_assign, dtype=jnp.int32)
     elif drop_policy == "probs":
@@ -206,7 +206,7 @@ def expert_choice_plan(
     """
     num_experts, capacity = token_indices_ExC.shape
     num_rows = num_experts * capacity
-    token_R = token_indices_ExC.reshape(-1).astype(jnp.int32)
+    token_R = jnp.asarray(token_indices_ExC).reshape(-1).astype(jnp.int32)
     expert_R = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32), capacity)
     assign_R = token_R * num_experts + expert_R
     row_of_assign = jnp.full((num_tokens * num_experts,), num_rows, jnp.int32)

@@ -1,0 +1,121 @@
+"""moejax.pallas.xla_gmm against jax.lax.ragged_dot and a numpy per-group reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.pallas import xla_gmm
+
+
+def _random_sizes(rng, m, g, *, slack, zeros):
+    """Group sizes summing to m - slack, with `zeros` groups forced empty."""
+    sizes = rng.multinomial(m - slack, np.ones(g) / g)
+    for i in rng.choice(g, size=zeros, replace=False):
+        sizes[(i + 1) % g] += sizes[i]
+        sizes[i] = 0
+    return sizes
+
+
+def _np_tgmm(lhs, grad, sizes):
+    out = np.zeros((len(sizes), lhs.shape[1], grad.shape[1]))
+    start = 0
+    for g, s in enumerate(sizes):
+        out[g] = lhs[start : start + s].T.astype(np.float64) @ grad[start : start + s]
+        start += s
+    return out
+
+
+CASES = [
+    # (M, K, N, G, tile_m, slack, zeros)
+    (37, 5, 7, 4, 8, 0, 1),
+    (64, 8, 3, 3, 16, 10, 0),
+    (5, 4, 4, 6, 256, 0, 2),
+    (100, 16, 8, 8, 7, 13, 3),
+    (48, 6, 5, 2, 48, 48, 0),  # every row past the groups: all zeros
+    (33, 4, 6, 5, 1, 2, 4),  # a single non-empty group, tile of one row
+]
+
+
+@pytest.mark.parametrize("m,k,n,g,tile_m,slack,zeros", CASES)
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+def test_gmm_matches_ragged_dot(m, k, n, g, tile_m, slack, zeros, transpose_rhs):
+    rng = np.random.default_rng(m * 31 + g)
+    sizes = _random_sizes(rng, m, g, slack=slack, zeros=zeros)
+    lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(g, k, n)), jnp.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    ref = jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    rhs_in = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    fn = jax.jit(
+        lambda a, b, s: xla_gmm.gmm_xla(a, b, s, transpose_rhs=transpose_rhs, tile_m=tile_m)
+    )
+    out = fn(lhs, rhs_in, group_sizes)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out)[sizes.sum() :] == 0)
+
+
+@pytest.mark.parametrize("m,k,n,g,tile_m,slack,zeros", CASES)
+def test_tgmm_matches_numpy(m, k, n, g, tile_m, slack, zeros):
+    rng = np.random.default_rng(m * 17 + g)
+    sizes = _random_sizes(rng, m, g, slack=slack, zeros=zeros)
+    lhs = rng.normal(size=(m, k)).astype(np.float32)
+    grad = rng.normal(size=(m, n)).astype(np.float32)
+    out = jax.jit(lambda a, b, s: xla_gmm.tgmm_xla(a, b, s, tile_m=tile_m))(
+        lhs, grad, jnp.asarray(sizes, jnp.int32)
+    )
+    ref = _np_tgmm(lhs, grad, sizes)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    assert np.all(np.asarray(out)[sizes == 0] == 0)
+
+
+def test_bf16_inputs_accumulate_in_f32():
+    rng = np.random.default_rng(0)
+    m, k, n, g = 50, 64, 16, 3
+    sizes = np.array([20, 0, 27])
+    lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.normal(size=(g, k, n)), jnp.bfloat16)
+    s = jnp.asarray(sizes, jnp.int32)
+    out = xla_gmm.gmm_xla(lhs, rhs, s, preferred_element_type=jnp.float32, tile_m=16)
+    ref = jax.lax.ragged_dot(lhs, rhs, s, preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    out_bf16 = xla_gmm.gmm_xla(lhs, rhs, s, tile_m=16)
+    assert out_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out_bf16.astype(jnp.float32), ref, rtol=2e-2, atol=5e-2)
+    t = xla_gmm.tgmm_xla(lhs, lhs[:, :n], s, preferred_element_type=jnp.float32, tile_m=16)
+    t_ref = _np_tgmm(np.asarray(lhs, np.float32), np.asarray(lhs[:, :n], np.float32), sizes)
+    np.testing.assert_allclose(t, t_ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("m,g,tile_m", [(1, 1, 4), (10, 3, 4), (16384, 8, 256), (7, 20, 3)])
+def test_padded_tile_bound_is_tight_enough(m, g, tile_m):
+    """The static tile count covers the worst case: n groups with one row more than full tiles."""
+    n = min(g, m)
+    bound = xla_gmm.num_padded_tiles(m, g, tile_m)
+    worst = sum(-(-s // tile_m) for s in _worst_sizes(m, n, tile_m))
+    assert bound >= worst
+    assert bound <= -(-m // tile_m) + g
+
+
+def _worst_sizes(m, n, tile_m):
+    full = (m - n) // tile_m
+    sizes = [1] * n
+    sizes[0] += full * tile_m
+    return sizes
+
+
+def test_padded_layout_round_trip():
+    sizes = np.array([5, 0, 9, 1])
+    m, tile_m = 20, 4
+    layout = xla_gmm.padded_layout(jnp.asarray(sizes, jnp.int32), m, tile_m)
+    src, dst = np.asarray(layout.src_row_P), np.asarray(layout.dst_row_M)
+    total = sizes.sum()
+    # Real rows go to padded rows that point back at them; rows past the sum map to "none".
+    np.testing.assert_array_equal(src[dst[:total]], np.arange(total))
+    assert np.all(dst[total:] == src.shape[0])
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    for p in np.flatnonzero(src < m):
+        group = np.asarray(layout.tile_group_Tp)[p // tile_m]
+        assert starts[group] <= src[p] < starts[group + 1]
+    assert int(layout.num_used_tiles) == sum(-(-s // tile_m) for s in sizes)
