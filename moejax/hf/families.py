@@ -122,7 +122,17 @@ def model_config_from_hf(hf_cfg: Any, *, param_dtype: str = "float32") -> ModelC
         common["head_dim"] = int(head_dim) if head_dim else None
     lb_coef = float(_get(hf_cfg, "router_aux_loss_coef", 0.0) or 0.0)
     moe_common = dict(
-        num_experts=int(hf_cfg.num_local_experts),
+        num_experts=int(
+            next(
+                v
+                for v in (
+                    _get(hf_cfg, "num_local_experts"),
+                    _get(hf_cfg, "num_experts"),
+                    _get(hf_cfg, "n_routed_experts"),
+                )
+                if v is not None
+            )
+        ),
         top_k=int(hf_cfg.num_experts_per_tok),
         activation="swiglu",
         dispatch="dropless",
@@ -194,8 +204,7 @@ def model_config_from_hf(hf_cfg: Any, *, param_dtype: str = "float32") -> ModelC
         n_groups=int(hf_cfg.n_group or 1),
         topk_groups=int(hf_cfg.topk_group or 1),
         use_expert_bias=True,
-        num_shared_experts=n_shared,
-        shared_d_ff=moe_ff * n_shared,
+        num_shared_experts=n_shared,  # shared width n_shared * d_ff, as shared_d_ff=None means
         **moe_common,
     )
     qk_head_dim = int(hf_cfg.qk_nope_head_dim) + int(hf_cfg.qk_rope_head_dim)
@@ -360,9 +369,10 @@ def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
         router_aux_loss_coef=moe.load_balance_coef,
         attention_dropout=0.0,
     )
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe") and cfg.head_dim is not None:
+        out["head_dim"] = cfg.head_dim
     if family == "mixtral":
         out.update(
-            head_dim=head_dim,
             intermediate_size=moe.d_ff,
             num_local_experts=moe.num_experts,
             router_jitter_noise=moe.jitter_eps,
@@ -379,7 +389,6 @@ def hf_config_dict(cfg: ModelConfig, family: str) -> dict[str, Any]:
         )
     elif family in ("qwen2_moe", "qwen3_moe"):
         out.update(
-            head_dim=head_dim,
             moe_intermediate_size=moe.d_ff,
             num_experts=moe.num_experts,
             norm_topk_prob=moe.norm_topk_prob,
