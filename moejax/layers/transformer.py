@@ -142,7 +142,11 @@ def layer_location(cfg: ModelConfig, i: int) -> tuple[tuple[str, ...], int | Non
 
 
 def _get(tree: Mapping[str, Any], path: tuple[str, ...]):
+    """The subtree at path, or None when a collection has no entry there (e.g. moe_state of a
+    dense layer)."""
     for key in path:
+        if key not in tree:
+            return None
         tree = tree[key]
     return tree
 
@@ -164,9 +168,9 @@ def scan_to_unrolled(cfg: ModelConfig, tree: Mapping[str, Any]) -> dict:
     out = {k: v for k, v in tree.items() if k not in seg_names}
     for i in range(cfg.num_layers):
         path, index = layer_location(scan_cfg, i)
-        if path[0] not in tree:
-            continue  # collection without entries for this segment (e.g. moe_state, dense)
-        out[f"layers_{i}"] = jax.tree.map(lambda a, r=index: a[r], _get(tree, path))
+        subtree = _get(tree, path)
+        if subtree is not None:
+            out[f"layers_{i}"] = jax.tree.map(lambda a, r=index: a[r], subtree)
     return out
 
 
