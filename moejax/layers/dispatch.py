@@ -469,8 +469,8 @@ def capacity_ffn(
     if buffer_constraint is not None:
         out_ExCxD = buffer_constraint(out_ExCxD)
     y_TxD = combine_rows(out_ExCxD.reshape(num_experts * capacity, -1), weights_TxK, plan)
-    kept = plan.group_sizes_E.sum().astype(jnp.float32)
-    return y_TxD, 1.0 - kept / indices_TxK.size
+    dropped = indices_TxK.size - plan.group_sizes_E.sum()
+    return y_TxD, dropped.astype(jnp.float32) / indices_TxK.size
 
 
 def expert_choice_ffn(
@@ -509,4 +509,5 @@ def expert_choice_ffn(
         out_ExCxD = buffer_constraint(out_ExCxD)
     y_TxD = combine_rows(out_ExCxD.reshape(num_experts * capacity, -1), weights_TxE, plan)
     picked_T = (plan.row_of_assign_TxK < num_experts * capacity).any(axis=1)
-    return y_TxD, 1.0 - picked_T.mean(dtype=jnp.float32)
+    unpicked = num_tokens - picked_T.sum(dtype=jnp.int32)
+    return y_TxD, unpicked.astype(jnp.float32) / num_tokens
