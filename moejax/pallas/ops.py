@@ -137,6 +137,9 @@ def _validate_tgmm_args(
     _validate_preferred(pet)
 
 
+# Jitted so that eager calls compile the backend's metadata + kernel once per shape instead of
+# dispatching (and compiling) each small index op separately.
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
 def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, backend, config, interpret):
     """Forward product on an already validated, resolved backend."""
     if backend == "ragged_dot":
@@ -179,6 +182,7 @@ def _gmm_impl(lhs, rhs, group_sizes, transpose_rhs, out_dtype, backend, config, 
     )
 
 
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7))
 def _tgmm_impl(lhs, grad, group_sizes, num_groups, out_dtype, backend, config, interpret):
     """Per-group lhs.T @ grad on an already validated, resolved backend."""
     if backend == "ragged_dot":

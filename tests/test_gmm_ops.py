@@ -1,0 +1,231 @@
+"""Contract of the public grouped matmul ops (moejax.pallas.gmm / tgmm), for every backend that
+runs on CPU: forward, transposed and weight-gradient products and both gradients against a numpy
+reference, ragged_dot semantics (zeros past the groups), and input validation.
+
+The Triton kernels get the same checks (plus lowering) in test_gmm_triton.py.
+
+Legend: M rows, K contraction width, N output width, G groups.
+"""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.pallas import gmm, ops, tgmm
+
+BACKENDS = ["xla", "ragged_dot"]
+if importlib.util.find_spec("moejax.pallas.mosaic_gmm") is not None:
+    BACKENDS.append("mosaic")
+
+# A small row tile for the XLA path so that the test shapes span several tiles; the other
+# backends use their default tiling (shrunk to the problem).
+SMALL_CONFIG = {"xla": 16}
+
+CASES = {
+    # name: (M, K, N, group_sizes)
+    "random_with_empty": (61, 37, 29, [9, 0, 23, 0, 17]),
+    "one_group_all_rows": (40, 24, 20, [0, 0, 40, 0]),
+    "sum_below_rows": (50, 19, 33, [5, 20, 11]),
+    "all_empty": (20, 16, 18, [0, 0, 0]),
+}
+
+# Every case in float32, the two with partial tiles everywhere also in bfloat16 (interpret mode
+# compiles each product separately: this keeps the file's runtime small).
+PRODUCT_PARAMS = [pytest.param(c, jnp.float32, id=f"{c}-f32") for c in CASES] + [
+    pytest.param(c, jnp.bfloat16, id=f"{c}-bf16") for c in ("random_with_empty", "sum_below_rows")
+]
+
+TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=6e-2)}
+
+
+def np_gmm(lhs, rhs_GxKxN, group_sizes):
+    """Reference: float64 loop over groups, zeros past sum(group_sizes)."""
+    lhs = np.asarray(lhs, np.float64)
+    rhs_GxKxN = np.asarray(rhs_GxKxN, np.float64)
+    out = np.zeros((lhs.shape[0], rhs_GxKxN.shape[2]))
+    start = 0
+    for g, size in enumerate(group_sizes):
+        out[start : start + size] = lhs[start : start + size] @ rhs_GxKxN[g]
+        start += size
+    return out
+
+
+def np_tgmm(lhs, grad, group_sizes):
+    lhs = np.asarray(lhs, np.float64)
+    grad = np.asarray(grad, np.float64)
+    out = np.zeros((len(group_sizes), lhs.shape[1], grad.shape[1]))
+    start = 0
+    for g, size in enumerate(group_sizes):
+        out[g] = lhs[start : start + size].T @ grad[start : start + size]
+        start += size
+    return out
+
+
+def _inputs(m, k, n, g, dtype, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    lhs = jax.random.normal(k1, (m, k), jnp.float32).astype(dtype)
+    rhs = jax.random.normal(k2, (g, k, n), jnp.float32).astype(dtype)
+    grad = jax.random.normal(k3, (m, n), jnp.float32).astype(dtype)
+    return lhs, rhs, grad
+
+
+def _close(actual, expected, dtype):
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **TOLERANCE[dtype]
+    )
+
+
+def _kw(backend):
+    return dict(backend=backend, config=SMALL_CONFIG.get(backend))
+
+
+@pytest.mark.parametrize("case,dtype", PRODUCT_PARAMS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_products_match_numpy(backend, case, dtype):
+    m, k, n, sizes = CASES[case]
+    lhs, rhs, grad = _inputs(m, k, n, len(sizes), dtype)
+    gs = jnp.asarray(sizes, jnp.int32)
+
+    out = gmm(lhs, rhs, gs, **_kw(backend))
+    assert out.shape == (m, n) and out.dtype == dtype
+    _close(out, np_gmm(lhs, rhs, sizes), dtype)
+    assert not np.asarray(out[sum(sizes) :], np.float32).any()
+
+    out_t = gmm(lhs, jnp.swapaxes(rhs, 1, 2), gs, transpose_rhs=True, **_kw(backend))
+    _close(out_t, np_gmm(lhs, rhs, sizes), dtype)
+
+    d_rhs = tgmm(lhs, grad, gs, **_kw(backend))
+    assert d_rhs.shape == (len(sizes), k, n) and d_rhs.dtype == dtype
+    _close(d_rhs, np_tgmm(lhs, grad, sizes), dtype)
+    for g, size in enumerate(sizes):
+        if size == 0:
+            assert not np.asarray(d_rhs[g], np.float32).any()
+
+
+@pytest.mark.parametrize("transpose_rhs", [False, True], ids=["KxN", "NxK"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_match_numpy_and_oracle(backend, transpose_rhs):
+    m, k, n, sizes = CASES["random_with_empty"]
+    lhs, rhs, grad = _inputs(m, k, n, len(sizes), jnp.float32, seed=1)
+    gs = jnp.asarray(sizes, jnp.int32)
+    rhs_in = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+
+    def loss(x, w):
+        return jnp.sum(gmm(x, w, gs, transpose_rhs=transpose_rhs, **_kw(backend)) * grad)
+
+    d_lhs, d_rhs = jax.grad(loss, argnums=(0, 1))(lhs, rhs_in)
+    oracle_lhs, oracle_rhs = jax.grad(
+        lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, gs) * grad), argnums=(0, 1)
+    )(lhs, rhs)
+    np_d_lhs = np_gmm(grad, np.swapaxes(np.asarray(rhs), 1, 2), sizes)
+    np_d_rhs = np_tgmm(lhs, grad, sizes)
+    if transpose_rhs:
+        d_rhs = jnp.swapaxes(d_rhs, 1, 2)
+    _close(d_lhs, np_d_lhs, jnp.float32)
+    _close(d_lhs, oracle_lhs, jnp.float32)
+    _close(d_rhs, np_d_rhs, jnp.float32)
+    _close(d_rhs, oracle_rhs, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_traced_group_sizes_and_mixed_precision(backend):
+    m, k, n, sizes = CASES["random_with_empty"]
+    lhs, rhs, grad = _inputs(m, k, n, len(sizes), jnp.bfloat16, seed=2)
+    fn = jax.jit(lambda x, w, gs: gmm(x, w, gs, preferred_element_type=jnp.float32, **_kw(backend)))
+    for perm in (sizes, sizes[::-1]):
+        out = fn(lhs, rhs, jnp.asarray(perm, jnp.int32))
+        assert out.dtype == jnp.float32
+        # bf16 products accumulated in f32: only the summation order differs from float64.
+        np.testing.assert_allclose(out, np_gmm(lhs, rhs, perm), rtol=1e-4, atol=1e-4)
+    # The gradient of a bf16 gmm is bf16 even when its output (and cotangent) is f32.
+    d_lhs, d_rhs = jax.grad(
+        lambda x, w: jnp.sum(fn(x, w, jnp.asarray(sizes, jnp.int32)) * grad.astype(jnp.float32)),
+        argnums=(0, 1),
+    )(lhs, rhs)
+    assert d_lhs.dtype == jnp.bfloat16 and d_rhs.dtype == jnp.bfloat16
+    _close(d_rhs, np_tgmm(lhs, grad, sizes), jnp.bfloat16)
+
+
+def test_group_sizes_get_no_cotangent():
+    lhs, rhs, _ = _inputs(8, 16, 16, 2, jnp.float32)
+    gs = jnp.array([3, 4], jnp.int32)
+    out, vjp = jax.vjp(lambda x, w, s: gmm(x, w, s, backend="xla"), lhs, rhs, gs)
+    _, _, d_gs = vjp(jnp.ones_like(out))
+    assert d_gs.dtype == jax.dtypes.float0 and d_gs.shape == gs.shape
+
+
+def test_auto_backend_and_interpret_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert ops._resolve_backend("auto") == "xla"
+    assert ops._resolve_interpret(None) is True
+    assert ops._resolve_interpret(False) is False
+    lhs, rhs, _ = _inputs(24, 16, 8, 3, jnp.float32, seed=5)
+    sizes = [10, 0, 9]
+    _close(gmm(lhs, rhs, jnp.array(sizes, jnp.int32)), np_gmm(lhs, rhs, sizes), jnp.float32)
+
+
+F32 = jnp.float32
+
+
+@pytest.mark.parametrize(
+    "lhs_shape,rhs_shape,sizes,kwargs,match",
+    [
+        ((8,), (2, 8, 4), [4, 4], {}, r"lhs must have rank 2 \[M, K\], got shape \(8,\)"),
+        ((8, 16), (16, 4), [4, 4], {}, r"rhs must have rank 3 \[G, K, N\]"),
+        ((8, 16), (2, 12, 4), [4, 4], {}, r"disagree on K"),
+        ((8, 16), (2, 16, 4), [4, 4], {"transpose_rhs": True}, r"\[G, N, K\].*disagree on K"),
+        ((8, 16), (2, 16, 4), [4, 4, 0], {}, r"group_sizes must have shape \[G\]=\[2\]"),
+        ((8, 16), (2, 16, 4), [5, -1], {}, r"group_sizes must be non-negative"),
+        ((8, 16), (2, 16, 4), [5, 4], {}, r"sum\(group_sizes\)=9 exceeds the 8 rows"),
+        ((8, 16), (2, 16, 4), [4, 4], {"backend": "cuda"}, r"backend='cuda' is not one of"),
+        ((8, 16), (2, 16, 4), [4, 4], {"interpret": "yes"}, r"interpret must be"),
+        (
+            (8, 16),
+            (2, 16, 4),
+            [4, 4],
+            {"preferred_element_type": jnp.int32},
+            r"preferred_element_type must be None or a floating dtype",
+        ),
+    ],
+)
+def test_gmm_validation(lhs_shape, rhs_shape, sizes, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gmm(
+            jnp.ones(lhs_shape, F32),
+            jnp.ones(rhs_shape, F32),
+            jnp.array(sizes, jnp.int32),
+            **kwargs,
+        )
+
+
+def test_gmm_validation_dtypes():
+    gs = jnp.array([4, 4], jnp.int32)
+    with pytest.raises(ValueError, match=r"lhs.dtype=float32 and rhs.dtype=bfloat16 must match"):
+        gmm(jnp.ones((8, 16), F32), jnp.ones((2, 16, 4), jnp.bfloat16), gs)
+    with pytest.raises(ValueError, match=r"lhs must be a floating-point array.*int32"):
+        gmm(jnp.ones((8, 16), jnp.int32), jnp.ones((2, 16, 4), jnp.int32), gs)
+    with pytest.raises(ValueError, match=r"group_sizes must be an integer array.*float32"):
+        gmm(jnp.ones((8, 16), F32), jnp.ones((2, 16, 4), F32), jnp.array([4.0, 4.0]))
+
+
+def test_tgmm_validation():
+    gs = jnp.array([4, 4], jnp.int32)
+    with pytest.raises(ValueError, match=r"grad must have rank 2 \[M, N\]"):
+        tgmm(jnp.ones((8, 16), F32), jnp.ones((8,), F32), gs)
+    with pytest.raises(ValueError, match=r"disagree on M"):
+        tgmm(jnp.ones((8, 16), F32), jnp.ones((6, 4), F32), gs)
+    with pytest.raises(ValueError, match=r"num_groups=3 must equal group_sizes.shape\[0\]=2"):
+        tgmm(jnp.ones((8, 16), F32), jnp.ones((8, 4), F32), gs, num_groups=3)
+    with pytest.raises(ValueError, match=r"lhs.dtype=float32 and grad.dtype=bfloat16"):
+        tgmm(jnp.ones((8, 16), F32), jnp.ones((8, 4), jnp.bfloat16), gs)
+    with pytest.raises(ValueError, match=r"sum\(group_sizes\)=12 exceeds the 8 rows"):
+        tgmm(jnp.ones((8, 16), F32), jnp.ones((8, 4), F32), jnp.array([6, 6], jnp.int32))
+
+
+def test_traced_bad_group_sizes_are_not_checked_on_host():
+    # Under jit the sizes are not concrete: validation must not force a host sync (or fail).
+    fn = jax.jit(lambda gs: gmm(jnp.ones((8, 16), F32), jnp.ones((2, 16, 4), F32), gs))
+    assert fn(jnp.array([4, 4], jnp.int32)).shape == (8, 4)
