@@ -8,6 +8,7 @@ re-drawn at random so that a swapped or mis-transposed tensor cannot go unnotice
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -127,9 +128,29 @@ def hf_logits(model, toks: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(toks)).logits.float().numpy()
 
 
+@functools.cache
+def _jitted_logits(cfg: ModelConfig):
+    # One compile per config: the tests reuse a few configs across seeds and round trips.
+    return jax.jit(lambda variables, toks: Transformer(cfg).apply(variables, toks)[0])
+
+
 def moejax_logits(cfg: ModelConfig, variables, toks: np.ndarray) -> np.ndarray:
-    logits, _ = Transformer(cfg).apply(variables, jnp.asarray(toks, jnp.int32))
-    return np.asarray(logits)
+    return np.asarray(_jitted_logits(cfg)(variables, jnp.asarray(toks, jnp.int32)))
+
+
+def random_variables(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random numpy variables with the Transformer's tree (shapes via eval_shape, no init)."""
+    abstract = jax.eval_shape(
+        Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)
+    )
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        noise = rng.normal(size=leaf.shape).astype(np.float32)
+        name = jax.tree_util.keystr(path)
+        return 1.0 + 0.2 * noise if "norm" in name else 0.15 * noise
+
+    return jax.tree_util.tree_map_with_path(draw, nn_unbox(abstract))
 
 
 def assert_trees_equal(a, b) -> None:
@@ -202,7 +223,7 @@ def test_logits_gradient_matches_hf():
         out, _ = Transformer(cfg).apply({**variables, "params": params}, jnp.asarray(toks))
         return jnp.sum(out * cotangent)
 
-    got = jax.grad(loss)(variables["params"])["embed"]["embedding"]
+    got = jax.jit(jax.grad(loss))(variables["params"])["embed"]["embedding"]
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=1e-4)
 
 
@@ -217,7 +238,7 @@ def test_deepseek_moe_block_matches_hf():
     with torch.no_grad():
         want = block(x).numpy()
     layer_vars = {c: variables[c]["layers_1"]["moe"] for c in ("params", "moe_state")}
-    got, _ = MoE(cfg.moe, cfg.d_model).apply(layer_vars, jnp.asarray(x.numpy()))
+    got, _ = jax.jit(MoE(cfg.moe, cfg.d_model).apply)(layer_vars, jnp.asarray(x.numpy()))
     assert np.abs(np.asarray(got) - want).max() <= TOL
 
 
@@ -307,13 +328,7 @@ NATIVE = [
 def test_moejax_model_round_trip(tmp_path, cfg, family):
     """A moejax-initialised model -> HF -> moejax: bitwise params, HF logits equal moejax's."""
     toks = tokens(length=9)
-    variables = Transformer(cfg).init(jax.random.key(0), jnp.asarray(toks))
-    variables = jax.tree.map(np.asarray, nn_unbox(variables))
-    if "moe_state" in variables:  # a trained bias, not the zeros of init
-        variables["moe_state"] = jax.tree.map(
-            lambda b: np.random.default_rng(0).normal(size=b.shape).astype(np.float32) * 0.1,
-            variables["moe_state"],
-        )
+    variables = random_variables(cfg)  # includes a random (trained-like) expert bias
     to_hf(cfg, variables, tmp_path)
     with open(os.path.join(tmp_path, "config.json")) as f:
         assert json.load(f)["model_type"] == family
@@ -429,8 +444,7 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="qk_norm"):
         to_hf(cfg, {"params": {}}, tmp_path, family="mixtral")
     # Wrong parameter shape: named with its path.
-    variables = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    params = jax.tree.map(np.asarray, nn_unbox(variables))["params"]
+    params = random_variables(cfg)["params"]
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"][:, :-1]
     with pytest.raises(ValueError, match="lm_head/kernel"):
         to_hf(cfg, {"params": params}, tmp_path)
