@@ -244,10 +244,37 @@ def test_deepseek_moe_block_matches_hf():
 
 def test_import_from_directory_equals_import_from_model(tmp_path):
     model = hf_model("mixtral")
-    model.save_pretrained(tmp_path)  # on-disk layout: one tensor per expert, block_sparse_moe
+    # On-disk layout (one tensor per expert, block_sparse_moe), sharded with an index file.
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert os.path.exists(os.path.join(tmp_path, "model.safetensors.index.json"))
     _, from_model = from_hf(model)
     _, from_dir = from_hf(tmp_path)
     assert_trees_equal(from_model, from_dir)
+
+
+def test_bfloat16_params_round_trip(tmp_path):
+    model = hf_model("qwen3_moe")
+    cfg, variables = from_hf(model, param_dtype="bfloat16")
+    assert cfg.param_dtype == "bfloat16"
+    assert {np.asarray(x).dtype for x in jax.tree.leaves(variables["params"])} == {
+        np.dtype(jnp.bfloat16)
+    }
+    to_hf(cfg, variables, tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    _, variables2 = from_hf(tmp_path, param_dtype="bfloat16")
+    assert_trees_equal(variables, variables2)
+
+
+def test_unrolled_layout_matches_scanned():
+    model = hf_model("qwen2_moe")
+    cfg, scanned = from_hf(model)
+    cfg_u, unrolled = from_hf(model, scan_layers=False)
+    assert set(unrolled["params"]) >= {"layers_0", "layers_1", "layers_2"}
+    toks = tokens()
+    np.testing.assert_allclose(
+        moejax_logits(cfg_u, unrolled, toks), moejax_logits(cfg, scanned, toks), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(
@@ -400,6 +427,7 @@ def test_missing_and_unexpected_tensors_are_refused(tmp_path):
         ("qwen3_moe", {"attention_bias": True}, "attention_bias"),
         ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
         ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
+        ("deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
         (
             "deepseek_v3",
             {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},

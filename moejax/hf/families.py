@@ -57,6 +57,10 @@ def _check_common(family: str, hf_cfg: Any) -> None:
         )
     if _get(hf_cfg, "attention_bias", False):
         raise _unsupported(family, "attention_bias", True, "no bias on the attention output")
+    quant = _get(hf_cfg, "quantization_config")
+    if quant:
+        method = quant.get("quant_method", quant) if isinstance(quant, dict) else quant
+        raise _unsupported(family, "quantization_config", method, "dequantize first")
     if _get(hf_cfg, "clip_qkv") is not None:
         raise _unsupported(family, "clip_qkv", hf_cfg.clip_qkv, "no q/k/v clipping")
 
