@@ -78,15 +78,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Training loop.
     config.train = ml_collections.ConfigDict()
-    config.train.steps = 600  # optimizer steps
+    config.train.steps = 500  # optimizer steps
     config.train.batch_size = 16  # global batch (sequences per step)
     config.train.seq_len = 128  # tokens (bytes) per sequence
     config.train.microbatches = 1  # gradient accumulation slices per step
     config.train.seed = 0  # parameter init and per-step rng seed
     config.train.log_every = 25  # steps between metric records
-    config.train.eval_every = 200  # steps between validation passes (and at the end)
+    config.train.eval_every = 100  # steps between validation passes (and at the end)
     config.train.eval_batches = 16  # validation batches per pass (fixed windows)
-    config.train.checkpoint_every = 200  # steps between (async) checkpoints
+    config.train.checkpoint_every = 250  # steps between (async) checkpoints
     config.train.keep_checkpoints = 2  # committed checkpoints kept
     config.train.nonfinite = "skip"  # non-finite loss/grads: "skip" the update or "stop"
     config.train.sample_tokens = 200  # bytes generated at the end (0 disables)
