@@ -218,6 +218,8 @@ def run(args) -> dict:
         platform=jax.default_backend(),
         device=str(jax.devices()[0].device_kind),
         host=platform.node(),
+        # The CPU numbers are only comparable between runs at a similar load (shared machines).
+        load_average_1min=os.getloadavg()[0],
         jax=jax.__version__,
         preset=preset,
         dtype=str(dtype),
@@ -238,6 +240,8 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# gmm benchmark ({report['platform']}, {report['device']}, {report['dtype']}, "
         f"jax {report['jax']}, median of {report['repeats']})",
+        "",
+        f"Host load average (1 min) at the end of the run: {report['load_average_1min']:.1f}.",
         "",
         report["note"],
         "",
