@@ -229,3 +229,16 @@ def test_traced_bad_group_sizes_are_not_checked_on_host():
     # Under jit the sizes are not concrete: validation must not force a host sync (or fail).
     fn = jax.jit(lambda gs: gmm(jnp.ones((8, 16), F32), jnp.ones((2, 16, 4), F32), gs))
     assert fn(jnp.array([4, 4], jnp.int32)).shape == (8, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_no_rows_and_no_contraction(backend):
+    # M = 0 (no tokens routed here) and K = 0 are legal shapes: zeros, never an error.
+    kw = dict(backend=backend, interpret=True if backend == "triton" else None)
+    gs = jnp.zeros((2,), jnp.int32)
+    out = gmm(jnp.ones((0, 16), F32), jnp.ones((2, 16, 8), F32), gs, **kw)
+    assert out.shape == (0, 8)
+    d_rhs = tgmm(jnp.ones((0, 16), F32), jnp.ones((0, 8), F32), gs, **kw)
+    assert d_rhs.shape == (2, 16, 8) and not np.asarray(d_rhs).any()
+    out = gmm(jnp.ones((5, 0), F32), jnp.ones((2, 0, 8), F32), jnp.array([2, 3], jnp.int32), **kw)
+    assert out.shape == (5, 8) and not np.asarray(out).any()

@@ -326,6 +326,9 @@ def gmm_triton(
     num_groups = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    if 0 in (num_rows, k, n):
+        # Nothing to tile (Triton grids and blocks cannot be empty); an empty K gives zeros.
+        return jnp.zeros((num_rows, n), out_dtype)
     kernel_name = "gmm_transposed" if transpose_rhs else "gmm"
     cfg = config or default_config(kernel_name, num_rows, k, n, num_groups, lhs.dtype)
     meta = make_group_metadata(group_sizes, num_rows, cfg.block_m, pl.cdiv(k, cfg.block_k))
@@ -421,6 +424,9 @@ def tgmm_triton(
     num_rows, k = lhs.shape
     n = grad.shape[1]
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    if 0 in (num_rows, k, n):
+        # No rows means every group is empty: zeros, like an empty group.
+        return jnp.zeros((num_groups, k, n), out_dtype)
     cfg = config or default_config("tgmm", num_rows, k, n, num_groups, lhs.dtype)
     bm = cfg.block_m
     sizes_G = group_sizes.astype(jnp.int32)
