@@ -65,7 +65,7 @@ def hf_config(family: str, **overrides):
         )
         cls = transformers.Qwen3MoeConfig
     elif family == "olmoe":
-        kw = dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2)
+        kw = dict(intermediate_size=24, num_experts=8, num_experts_per_tok=2, eos_token_id=2)
         cls = transformers.OlmoeConfig
     elif family == "deepseek_v3":
         kw = dict(
