@@ -13,6 +13,7 @@ steps.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -50,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.opt = ml_collections.ConfigDict()
     config.opt.lr = 0.003  # peak learning rate
     config.opt.warmup_steps = 50  # linear warmup (steps)
-    config.opt.decay_steps = None  # cosine length in steps; None = train.steps
+    config.opt.decay_steps = placeholder(int)  # cosine length in steps; None = train.steps
     config.opt.end_lr_ratio = 0.1  # final lr = lr * end_lr_ratio
     config.opt.b1 = 0.9  # Adam beta1
     config.opt.b2 = 0.95  # Adam beta2
@@ -61,11 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: see moejax.train.data.
     config.data = ml_collections.ConfigDict()
     config.data.source = "stdlib"  # "stdlib" (embedded corpus), "text" or "tokens"
-    config.data.path = None  # text file/dir ("text") or token file ("tokens")
-    config.data.val_path = None  # optional separate validation token file ("tokens")
+    config.data.path = placeholder(str)  # text file/dir ("text") or token file ("tokens")
+    config.data.val_path = placeholder(str)  # optional separate validation token file ("tokens")
     config.data.val_fraction = 0.05  # share of files (or tail of one file) held out
     config.data.token_dtype = "uint16"  # dtype of raw (non-.npy) token files
-    config.data.max_files = None  # read only the first N files (sorted); None = all
+    config.data.max_files = placeholder(int)  # read only the first N files (sorted); None = all
     config.data.seed = 0  # shuffle seed
 
     # Device mesh (moejax.sharding.make_mesh): axis sizes, -1 = all remaining devices.
@@ -91,5 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.nonfinite = "skip"  # non-finite loss/grads: "skip" the update or "stop"
     config.train.sample_tokens = 0  # tokens generated at the end (0 disables)
     config.train.sample_prompt = "def "  # prompt of the final sample (byte-level data only)
-    config.train.peak_flops = None  # per-device peak FLOP/s for MFU; None = rough table
+    config.train.peak_flops = placeholder(
+        float
+    )  # per-device peak FLOP/s for MFU; None = rough table
     return config

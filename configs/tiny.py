@@ -11,6 +11,7 @@ loss. Any field can be overridden, e.g. `--config.moe.num_experts=16 --config.tr
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.max_len = 256  # longest sequence (RoPE table / KV cache for sampling)
     config.model.moe_every = 1  # every layer's FFN is an MoE block
     config.model.first_dense_layers = 0  # no leading dense layers
+    config.model.head_dim = placeholder(int)  # per-head width; None = d_model // num_heads
+    config.model.dense_activation = "swiglu"  # dense FFN type (dense layers only)
+    config.model.rope_theta = 10000.0  # RoPE base
+    config.model.norm_eps = 1e-6  # RMSNorm epsilon
+    config.model.qk_norm = "none"  # RMSNorm on q/k: "none", "head", "full"
+    config.model.qkv_bias = False  # bias on the q/k/v projections
     config.model.tie_embeddings = False  # separate output projection
     config.model.dtype = "float32"  # compute dtype ("bfloat16" for bf16 compute)
     config.model.param_dtype = "float32"  # parameter storage dtype (keep float32)
@@ -39,18 +46,36 @@ def get_config() -> ml_collections.ConfigDict:
     config.moe.top_k = 2  # experts per token K
     config.moe.d_ff = 128  # hidden width F of each expert (active FFN width K*F = 256)
     config.moe.activation = "swiglu"  # gated expert MLP
-    config.moe.score_func = "softmax"  # router scores
+    config.moe.router = "topk"  # "topk" (token choice) or "expert_choice"
+    config.moe.score_func = "softmax"  # router scores: "softmax" or "sigmoid"
     config.moe.norm_topk_prob = True  # selected weights renormalised to sum to 1
-    config.moe.dispatch = "dropless"  # sort + grouped matmul, no token dropped
+    config.moe.routed_scaling_factor = 1.0  # multiplies the routed weights
+    config.moe.n_groups = 1  # expert groups for group-limited top-k (1 = off)
+    config.moe.topk_groups = 1  # groups kept per token
+    config.moe.use_expert_bias = False  # aux-loss-free balancing bias (moe_state)
+    config.moe.bias_update_rate = 1e-3  # bias step u: b += u * sign(mean_load - load)
+    config.moe.jitter_eps = 0.0  # multiplicative router input jitter (train only)
+    config.moe.dispatch = "dropless"  # "dropless" (sort + grouped matmul) or "capacity"
+    config.moe.capacity_factor = 1.25  # capacity dispatch: train capacity factor
+    config.moe.eval_capacity_factor = 2.0  # capacity dispatch: eval capacity factor
+    config.moe.min_capacity = 4  # capacity dispatch: minimum slots per expert
+    config.moe.drop_policy = "position"  # over-full expert keeps: "position" or "probs"
+    config.moe.load_balance_type = "global"  # switch loss over the batch or per "sequence"
     config.moe.load_balance_coef = 1e-2  # switch load-balance loss weight
     config.moe.router_z_coef = 1e-3  # router z-loss weight
+    config.moe.num_shared_experts = 0  # always-on shared experts
+    config.moe.shared_d_ff = placeholder(int)  # shared expert width; None = num_shared * d_ff
+    config.moe.shared_expert_gate = False  # sigmoid gate on the shared output (Qwen2-MoE)
+    config.moe.expert_parallel = "none"  # "none", "all_to_all", "all_gather" (expert mesh axis)
+    config.moe.ep_capacity_factor = 2.0  # all_to_all send-buffer bound (x balanced load)
     config.moe.gmm_backend = "auto"  # grouped matmul backend ("xla" on CPU)
+    config.moe.gmm_tile = 256  # row tile of the CPU grouped matmul
 
     # Optimizer: clip by global norm, then AdamW with linear warmup + cosine decay.
     config.opt = ml_collections.ConfigDict()
     config.opt.lr = 3e-3  # peak learning rate
     config.opt.warmup_steps = 50  # linear warmup from 0 (steps)
-    config.opt.decay_steps = None  # cosine length in steps; None = train.steps
+    config.opt.decay_steps = placeholder(int)  # cosine length in steps; None = train.steps
     config.opt.end_lr_ratio = 0.1  # final lr = lr * end_lr_ratio
     config.opt.b1 = 0.9  # Adam beta1
     config.opt.b2 = 0.95  # Adam beta2
@@ -61,11 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: see moejax.train.data.
     config.data = ml_collections.ConfigDict()
     config.data.source = "stdlib"  # "stdlib" (embedded corpus), "text" or "tokens"
-    config.data.path = None  # text file/dir ("text") or token file ("tokens")
-    config.data.val_path = None  # optional separate validation token file ("tokens")
+    config.data.path = placeholder(str)  # text file/dir ("text") or token file ("tokens")
+    config.data.val_path = placeholder(str)  # optional separate validation token file ("tokens")
     config.data.val_fraction = 0.05  # share of files (or tail of a single file) held out
     config.data.token_dtype = "uint16"  # dtype of raw (non-.npy) token files
-    config.data.max_files = None  # read only the first N files (sorted); None = all
+    config.data.max_files = placeholder(int)  # read only the first N files (sorted); None = all
     config.data.seed = 0  # shuffle seed
 
     # Device mesh (moejax.sharding.make_mesh): axis sizes, -1 = all remaining devices.
@@ -91,5 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.nonfinite = "skip"  # non-finite loss/grads: "skip" the update or "stop"
     config.train.sample_tokens = 200  # bytes generated at the end (0 disables)
     config.train.sample_prompt = "def "  # prompt of the final sample
-    config.train.peak_flops = None  # per-device peak FLOP/s for MFU; None = rough table
+    config.train.peak_flops = placeholder(
+        float
+    )  # per-device peak FLOP/s for MFU; None = rough table
     return config

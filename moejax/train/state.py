@@ -45,16 +45,21 @@ class TrainState:
 
 
 def learning_rate_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to opt.lr over opt.warmup_steps, then cosine to lr * end_lr_ratio."""
+    """Linear warmup to opt.lr over opt.warmup_steps, then cosine to lr * end_lr_ratio.
+
+    The schedule is read at count + 1 so that the first update already has a non-zero rate
+    (lr / warmup_steps) instead of spending step 1 at lr = 0.
+    """
     decay_steps = opt.get("decay_steps") or total_steps
     warmup = int(opt["warmup_steps"])
-    return optax.warmup_cosine_decay_schedule(
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=float(opt["lr"]),
         warmup_steps=warmup,
         decay_steps=max(int(decay_steps), warmup + 1),
         end_value=float(opt["lr"]) * float(opt["end_lr_ratio"]),
     )
+    return lambda count: base(count + 1)
 
 
 def _decay_mask(params: Any) -> Any:

@@ -247,11 +247,6 @@ def train_and_evaluate(
                 is_last = step == t.steps
                 if step % t.log_every == 0 or is_last or step == start_step + 1:
                     m = jax.device_get(metrics)
-                    if m["skipped"] and t.nonfinite == "stop":
-                        raise NonFiniteError(
-                            f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
-                            f"{float(m['grad_norm'])} (train.nonfinite='stop'); nothing saved"
-                        )
                     elapsed = time.time() - window_t
                     tokens_per_s = window_steps * tokens_per_step / max(elapsed, 1e-9)
                     mfu = tokens_per_s / tokens_per_step * flops_per_step / peak
@@ -260,6 +255,12 @@ def train_and_evaluate(
                     record.update(lr=schedule_lr(step - 1), tokens_per_s=tokens_per_s, mfu=mfu)
                     record["skipped_total"] = int(jax.device_get(state.skipped))
                     writer.write("train", step, record, expert_load=m.get("expert_load"))
+                    if m["skipped"] and t.nonfinite == "stop":
+                        raise NonFiniteError(
+                            f"step {step}: non-finite loss {float(m['loss'])} or gradient norm "
+                            f"{float(m['grad_norm'])} (train.nonfinite='stop'); "
+                            "this step is not checkpointed"
+                        )
                     final_loss = float(m["loss"])
                     if first_loss is None:
                         first_loss = final_loss
@@ -273,7 +274,7 @@ def train_and_evaluate(
                     if bool(jax.device_get(metrics["skipped"])):
                         raise NonFiniteError(
                             f"step {step}: non-finite loss or gradients "
-                            "(train.nonfinite='stop'); nothing saved"
+                            "(train.nonfinite='stop'); this step is not checkpointed"
                         )
                 if step % t.eval_every == 0 or is_last:
                     ev = _evaluate(eval_fn, state, eval_set, mesh, rules)
