@@ -65,6 +65,7 @@ from moejax.layers.attention import Attention
 from moejax.layers.common import Embed, RMSNorm
 from moejax.layers.config import ModelConfig
 from moejax.layers.mlp import MLP
+from moejax.layers.moe import MoE
 
 # Per-block MoE scalars that the model averages over its MoE layers.
 AUX_SCALARS = (
@@ -86,12 +87,6 @@ def attention_class(cfg: ModelConfig) -> type[nn.Module]:
 
         return MLA
     raise ValueError(f"ModelConfig.attention={cfg.attention!r} is invalid: allowed 'gqa', 'mla'")
-
-
-def _moe_class():
-    from moejax.layers.moe import MoE  # noqa: PLC0415
-
-    return MoE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +207,7 @@ class DecoderLayer(nn.Module):
         x_BxLxD = x_BxLxD + attn(h, positions_BxL).astype(x_BxLxD.dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ffn_norm")(x_BxLxD)
         if self.kind == "moe":
-            moe = _moe_class()(cfg.moe, cfg.d_model, dtype, pdtype, name="moe")
+            moe = MoE(cfg.moe, cfg.d_model, dtype, pdtype, name="moe")
             y_BxLxD, block_aux = moe(h, deterministic=self.deterministic)
             aux = {k: jnp.asarray(block_aux[k], jnp.float32)[None] for k in AUX_SCALARS}
             aux["expert_load"] = jnp.asarray(block_aux["expert_load"], jnp.float32)[None]
