@@ -412,5 +412,39 @@ def test_bad_arguments_raise_value_error():
         gmm_mosaic(lhs, jnp.zeros((2, 128, 256), jnp.bfloat16), sizes, transpose_rhs=True)
     with pytest.raises(ValueError, match="num_groups=3"):
         tgmm_mosaic(lhs, lhs, sizes, num_groups=3, interpret=True)
+    with pytest.raises(ValueError, match="config must be a MosaicConfig"):
+        gmm_mosaic(lhs, rhs, sizes, config=128, interpret=True)
     with pytest.raises(ValueError, match="interpret must be"):
         gmm_mosaic(lhs, rhs, sizes, interpret="yes")
+
+
+def test_lowers_for_tpu_inside_shard_map_with_check_vma():
+    """Expert parallelism calls the kernels per shard under shard_map(check_vma=True): the
+    outputs must declare the mesh axes they vary over, or tracing fails."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("expert",), devices=jax.devices()[:4])
+
+    def per_shard(lhs, rhs, sizes):
+        out = gmm_mosaic(lhs, rhs, sizes)
+        d_lhs = gmm_mosaic(out, rhs, sizes, transpose_rhs=True)
+        d_rhs = tgmm_mosaic(lhs, out, sizes, preferred_element_type=jnp.float32)
+        return out, d_lhs, d_rhs
+
+    fn = jax.shard_map(
+        per_shard,
+        mesh=mesh,
+        in_specs=(P("expert"),) * 3,
+        out_specs=(P("expert"),) * 3,
+        check_vma=True,
+    )
+    sharding = NamedSharding(mesh, P("expert"))
+    sds = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
+    text = _lower_for_tpu(
+        fn,
+        sds((4 * 256, 512), jnp.bfloat16),
+        sds((8, 512, 512), jnp.bfloat16),
+        sds((8,), jnp.int32),
+    )
+    assert text.count("tpu_custom_call") == 3

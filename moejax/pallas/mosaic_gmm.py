@@ -110,6 +110,11 @@ def shape_class(k: int, n: int) -> str:
     return "large" if min(k, n) >= 1024 else "small"
 
 
+def _check_config(config: Any) -> None:
+    if config is not None and not isinstance(config, MosaicConfig):
+        raise ValueError(f"config must be a MosaicConfig or None, got {config!r}")
+
+
 def lookup_config(product: str, dtype: Any, k: int, n: int) -> MosaicConfig:
     """Tuned tiles for `product` ("gmm", "gmm_t" or "tgmm") on `dtype` inputs of widths K, N."""
     key = (product, jnp.dtype(dtype).name, shape_class(k, n))
@@ -172,6 +177,15 @@ def _resolve_interpret(interpret: bool | pltpu.InterpretParams) -> Any:
 def _check_dtype(name: str, dtype: Any) -> None:
     if jnp.dtype(dtype) not in _SUPPORTED_DTYPES:
         raise ValueError(f"{name} must be float32 or bfloat16 for the mosaic backend, got {dtype}")
+
+
+def _out_struct(shape: tuple[int, ...], dtype: Any, *operands: jax.Array) -> jax.ShapeDtypeStruct:
+    """Output type of a pallas_call; inside `shard_map(check_vma=True)` (expert parallelism) it
+    must say over which mesh axes it varies: those any operand varies over."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
+    return jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
+    )
 
 
 def _pad2(x: jax.Array, rows: int, cols: int) -> jax.Array:
@@ -349,6 +363,7 @@ def gmm_mosaic(
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     _check_dtype("preferred_element_type", out_dtype)
     interpret = _resolve_interpret(interpret)
+    _check_config(config)
     if m == 0 or n == 0 or k == 0 or num_groups == 0:
         return jnp.zeros((m, n), out_dtype)
 
@@ -431,7 +446,7 @@ def gmm_mosaic(
     )
     call = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+        out_shape=_out_struct((m_pad, n_pad), out_dtype, lhs, rhs, group_sizes),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(schedule),
             grid=(tiles_n, num_row_steps, tiles_k),
@@ -496,6 +511,7 @@ def tgmm_mosaic(
     out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     _check_dtype("preferred_element_type", out_dtype)
     interpret = _resolve_interpret(interpret)
+    _check_config(config)
     if m == 0 or n == 0 or k == 0 or num_groups == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
 
@@ -586,7 +602,7 @@ def tgmm_mosaic(
     )
     call = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k_pad, n_pad), out_dtype),
+        out_shape=_out_struct((num_groups, k_pad, n_pad), out_dtype, lhs, grad, group_sizes),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(schedule),
             grid=(tiles_n, tiles_k, num_row_steps),
