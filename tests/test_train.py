@@ -235,7 +235,8 @@ def test_expert_bias_update_moves_load_toward_balance():
     balanced = 1.0 / model_cfg.moe.num_experts
     start = np.abs(loads[0] - balanced).max()
     end = np.abs(np.mean(loads[-5:], axis=0) - balanced).max()
-    assert loads[0][:, 0].min() > 2 * balanced  # expert 0 starts overloaded in every layer
+    # Expert 0 starts in every token's top-2 (load 1/K = 0.5, the maximum) in every layer.
+    assert loads[0][:, 0].min() >= 0.49
     assert end < 0.5 * start, (start, end)
     bias = np.asarray(jax.tree.leaves(st.moe_state)[0])
     assert (bias[:, 0] < 1.0).all()  # the overloaded expert's bias went down

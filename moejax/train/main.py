@@ -8,11 +8,11 @@ An invalid config value stops the run with a one-line message naming the field (
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import moejax
@@ -42,7 +42,9 @@ _WORKDIR = flags.DEFINE_string(
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:
+        # Keep the terminal for the progress bar and the summary; --verbosity=0 shows INFO.
+        absl_logging.set_verbosity(absl_logging.WARNING)
     from moejax.train.trainer import format_summary, train_and_evaluate
 
     try:
