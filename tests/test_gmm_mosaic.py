@@ -343,8 +343,11 @@ def test_tuned_tiling_lowers_for_tpu(key):
     config = mosaic_gmm.TUNED_CONFIGS[key]
     dtype = jnp.dtype(dtype_name)
     m, g = 4096, 8
-    k, n = (2048, 5120) if size_class == "large" else (512, 640)
+    k, n = (2048, 5120) if size_class == "large" else (512, 1536)
     assert mosaic_gmm.lookup_config(product, dtype, k, n) is config
+    # These shapes keep the entry's tiles as they are (no shrinking), so they are what lowers.
+    fitted = mosaic_gmm._fit_tiles(config, m, k, n, mosaic_gmm._sublane_multiple(dtype))
+    assert fitted == (config.tm, config.tk, config.tn)
     sds = jax.ShapeDtypeStruct
     lhs, sizes = sds((m, k), dtype), sds((g,), jnp.int32)
     rhs = sds((g, k, n), dtype)
@@ -382,18 +385,29 @@ def test_tuned_tiling_lowers_for_tpu(key):
     assert mosaic_gmm._vmem_bytes(blocks, acc) <= mosaic_gmm._DEFAULT_SCOPED_VMEM_BYTES
 
 
-def test_illegal_tiling_is_caught_by_tpu_lowering():
+def test_illegal_tiling_is_caught_by_tpu_lowering(monkeypatch):
     """The lowering check is not vacuous: a 64-wide K tile violates the (8, 128) rule."""
-    config = MosaicConfig(tm=128, tk=128, tn=128)
-    object.__setattr__(config, "tk", 64)  # bypass MosaicConfig's own check on purpose
+    # Bypass the wrapper's own tile checks on purpose, so that only the lowering can object.
+    monkeypatch.setattr(mosaic_gmm, "_fit_tiles", lambda *args: (128, 64, 128))
     sds = jax.ShapeDtypeStruct
     with pytest.raises(Exception, match="divisible by 8 and 128"):
         _lower_for_tpu(
-            lambda a, b, c: gmm_mosaic(a, b, c, config=config),
+            functools.partial(gmm_mosaic, config=MosaicConfig(tm=128, tk=128, tn=128)),
             sds((512, 512), jnp.bfloat16),
             sds((4, 512, 512), jnp.bfloat16),
             sds((4,), jnp.int32),
         )
+
+
+@pytest.mark.parametrize(
+    "dim,tile,want",
+    [(4096, 1024, 1024), (1408, 1024, 768), (100, 512, 128), (640, 512, 128), (5120, 1024, 1024)],
+)
+def test_lane_tile_limits_padding(dim, tile, want):
+    got = mosaic_gmm._fit_lane_tile(dim, tile)
+    assert got == want and got % 128 == 0
+    minimal = -(-dim // 128) * 128
+    assert -(-minimal // got) * got - minimal <= minimal // 8
 
 
 def test_bad_arguments_raise_value_error():

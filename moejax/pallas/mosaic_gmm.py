@@ -25,7 +25,8 @@ Tiling. Block shapes obey Mosaic's rule: the last two dimensions of a block are 
 (8, 128) (16 in the second-minor for 16-bit types, whose native tile is (16, 128)). Inputs whose
 dimensions are not tile multiples are zero-padded in the wrapper and the result is sliced back;
 zero rows and columns add nothing to the products. Tile sizes come from `MosaicConfig`, by default
-from `TUNED_CONFIGS`, and are shrunk to the (padded) problem size when the problem is smaller.
+from `TUNED_CONFIGS`, and are shrunk to the problem when it is smaller or when the configured K/N
+tile would pad by more than 1/8 (`_fit_tiles`).
 
 Accumulation is float32 in a VMEM scratch; inputs are float32 or bfloat16 (float32 products use
 full-precision MXU passes); the result is cast to `preferred_element_type`.
@@ -135,10 +136,28 @@ def _sublane_multiple(*dtypes: Any) -> int:
     return 16 if min(jnp.dtype(d).itemsize for d in dtypes) == 2 else 8
 
 
-def _fit_tiles(config: MosaicConfig, m: int, k: int, n: int, sublanes: int) -> tuple[int, int, int]:
-    """Tiles of `config`, shrunk to the padded problem when it is smaller than a tile.
+def _fit_lane_tile(dim: int, tile: int) -> int:
+    """Tile for a lane dimension (K or N) of size `dim`, at most `tile`, a multiple of 128.
 
-    A tile larger than the (rounded-up) dimension would only multiply zeros.
+    Zero padding up to a tile multiple is multiplied for nothing (and, for the weights, copied
+    on every call), so the largest tile whose padded extent stays within 1/8 of the smallest
+    possible one (dim rounded up to 128) is used: e.g. N = 1408 with tile 1024 gives 768
+    (1536 columns) rather than 2048 columns.
+    """
+    minimal = _round_up(max(dim, 1), _LANES)
+    if tile >= minimal:
+        return minimal
+    for candidate in range(tile, _LANES - 1, -_LANES):
+        if _round_up(minimal, candidate) - minimal <= minimal // 8:
+            return candidate
+    return _LANES
+
+
+def _fit_tiles(config: MosaicConfig, m: int, k: int, n: int, sublanes: int) -> tuple[int, int, int]:
+    """Tiles of `config` fitted to the problem: never larger than the (rounded-up) dimension,
+    and K/N tiles shrunk when the configured tile would pad a lot (`_fit_lane_tile`).
+
+    Row padding costs no matmul work (padded rows belong to no group), so tm is only capped.
     """
     if config.tm % sublanes:
         raise ValueError(
@@ -146,9 +165,7 @@ def _fit_tiles(config: MosaicConfig, m: int, k: int, n: int, sublanes: int) -> t
             "(16-bit operands or result tile rows by 16)"
         )
     tm = min(config.tm, _round_up(max(m, 1), sublanes))
-    tk = min(config.tk, _round_up(max(k, 1), _LANES))
-    tn = min(config.tn, _round_up(max(n, 1), _LANES))
-    return tm, tk, tn
+    return tm, _fit_lane_tile(k, config.tk), _fit_lane_tile(n, config.tn)
 
 
 def _vmem_bytes(block_shapes: list[tuple[tuple[int, int], Any]], acc_shape: tuple[int, int]) -> int:
