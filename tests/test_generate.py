@@ -30,6 +30,11 @@ def init(cfg):
 
 
 @functools.cache
+def forward(cfg):
+    return jax.jit(Transformer(cfg).apply)
+
+
+@functools.cache
 def greedy(cfg, n):
     return generate(cfg, init(cfg), PROMPT, max_new_tokens=n)
 
@@ -37,8 +42,9 @@ def greedy(cfg, n):
 @pytest.mark.parametrize("cfg", [MOE_CFG, DENSE_CFG], ids=["moe-scan", "dense-unrolled-tied"])
 def test_decode_with_cache_equals_full_forward(cfg):
     variables = init(cfg)
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(2, 9)), jnp.int32)
-    full, _ = jax.jit(Transformer(cfg).apply)(variables, tokens)
+    # Same shape as the greedy test's recompute: one shared forward compile.
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, size=(2, 11)), jnp.int32)
+    full, _ = forward(cfg)(variables, tokens)
 
     @jax.jit
     def step(cache, chunk):
@@ -50,12 +56,12 @@ def test_decode_with_cache_equals_full_forward(cfg):
     # Prefill 3 tokens (creates the cache), then one token at a time.
     logits, cache = step({}, tokens[:, :3])
     outs = [logits]
-    for t in range(3, 9):
+    for t in range(3, 11):
         logits, cache = step(cache, tokens[:, t : t + 1])
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, rtol=1e-4, atol=1e-4)
     index = jax.tree.leaves({k: v for k, v in cache["cache"].items()})
-    assert any(a.dtype == jnp.int32 and bool((a == 9).all()) for a in index)
+    assert any(a.dtype == jnp.int32 and bool((a == 11).all()) for a in index)
 
 
 @pytest.mark.parametrize("cfg", [MOE_CFG, DENSE_CFG], ids=["moe-scan", "dense-unrolled-tied"])
@@ -67,10 +73,9 @@ def test_greedy_generation_equals_argmax_recompute(cfg):
 
     # No cache: rerun the whole (right-padded) sequence and take the argmax after position t - 1;
     # causal attention makes the padding invisible, and one fixed shape means one compile.
-    forward = jax.jit(Transformer(cfg).apply)
     seq = jnp.zeros((2, 4 + n), jnp.int32).at[:, :4].set(PROMPT)
     for t in range(4, 4 + n):
-        logits, _ = forward(init(cfg), seq)
+        logits, _ = forward(cfg)(init(cfg), seq)
         seq = seq.at[:, t].set(jnp.argmax(logits[:, t - 1], axis=-1))
     np.testing.assert_array_equal(out, seq)
 
