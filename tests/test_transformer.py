@@ -130,9 +130,9 @@ def test_scanned_program_size_does_not_grow_with_depth():
     assert sizes[8] <= sizes[2] * 1.01, sizes
     # The measure does see depth: the unrolled model's program grows ~linearly.
     unrolled = [
-        program_size(dataclasses.replace(base, num_layers=n, scan_layers=False)) for n in (2, 8)
+        program_size(dataclasses.replace(base, num_layers=n, scan_layers=False)) for n in (2, 4)
     ]
-    assert unrolled[1] > 2.5 * unrolled[0], unrolled
+    assert unrolled[1] > 1.6 * unrolled[0], unrolled
 
 
 @pytest.mark.parametrize(
@@ -233,7 +233,7 @@ def test_dense_model_aux_is_zero_with_empty_expert_load():
 
 
 def test_tied_embeddings_share_the_table():
-    cfg = dataclasses.replace(DENSE_CFG, tie_embeddings=True)
+    cfg = dataclasses.replace(DENSE_CFG, num_layers=1, tie_embeddings=True)
     variables = init(cfg)
     assert "lm_head" not in variables["params"]
     table = variables["params"]["embed"]["embedding"]
