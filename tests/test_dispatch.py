@@ -88,11 +88,13 @@ def make_weights(rng, activation="swiglu"):
 
 
 def _grads_close(fn, ref_fn, args, tol):
-    g = jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=tuple(range(len(args))))(*args)
-    g_ref = jax.grad(lambda *a: jnp.sum(jnp.sin(ref_fn(*a))), argnums=tuple(range(len(args))))(
-        *args
-    )
-    for a, b in zip(g, g_ref, strict=True):
+    """Gradients of sum(sin(fn(*args))) w.r.t. every argument match the reference's."""
+
+    def grads(f):
+        loss = lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))(*args)
+
+    for a, b in zip(grads(fn), grads(ref_fn), strict=True):
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
@@ -103,7 +105,6 @@ def _grads_close(fn, ref_fn, args, tol):
         ("random", 2, "ragged_dot"),
         ("empty_expert", 2, "xla"),
         ("one_expert", 1, "xla"),
-        ("one_expert", 1, "ragged_dot"),
         ("random", E, "xla"),  # top_k == num_experts
     ],
 )
@@ -152,7 +153,7 @@ def test_dropless_plan_layouts():
 
 
 @pytest.mark.parametrize("policy", ["position", "probs"])
-@pytest.mark.parametrize("capacity", [1, 3, 7])
+@pytest.mark.parametrize("capacity", [1, 3])
 def test_capacity_matches_reference(policy, capacity):
     rng = np.random.default_rng(capacity)
     top_k = 2
@@ -222,29 +223,6 @@ def test_expert_choice_matches_reference():
         return jnp.zeros((T, D)).at[tok.ravel()].add(out.reshape(-1, D))
 
     _grads_close(lambda *a: fn(*a)[0], ref, (x, w_ec, wu, wo), 1e-4)
-
-
-def test_bf16_rows_f32_combine():
-    rng = np.random.default_rng(11)
-    idx, w = routing_case("random", rng, 2)
-    x = rng.normal(size=(T, D)).astype(np.float32)
-    wg, wu, wo = make_weights(rng)
-    cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, gmm_backend="xla", gmm_tile=8)
-    bf = [jnp.asarray(a, jnp.bfloat16) for a in (x, wg, wu, wo)]
-    y = dispatch.dropless_ffn(bf[0], w, idx, *bf[1:], cfg)
-    assert y.dtype == jnp.float32
-    keep = np.ones(idx.shape, bool)
-    ref = np_token_choice(
-        *[np.asarray(a, np.float32) for a in (bf[0],)],
-        w,
-        idx,
-        keep,
-        *[np.asarray(a, np.float32) for a in bf[1:]],
-        "swiglu",
-    )
-    np.testing.assert_allclose(y, ref, atol=5e-2, rtol=5e-2)
-    g = jax.grad(lambda a: dispatch.dropless_ffn(a, w, idx, *bf[1:], cfg).sum())(bf[0])
-    assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
 def test_gather_and_combine_vjps_match_autodiff():

@@ -150,9 +150,11 @@ def _check(cfg, *, seed=0, tol=1e-4):
     def loss(fn):
         return lambda p, x: jnp.sum(jnp.sin(fn(p, x)))
 
-    g = jax.grad(loss(lambda p, x: model.apply({"params": p}, x)[0]), argnums=(0, 1))(params, x)
+    g = jax.jit(jax.grad(loss(lambda p, x: model.apply({"params": p}, x)[0]), argnums=(0, 1)))(
+        params, x
+    )
     ref_fn = lambda p, x: jnp_moe(p, x, cfg, jnp.asarray(idx), keep)  # noqa: E731
-    g_ref = jax.grad(loss(ref_fn), argnums=(0, 1))(params, x)
+    g_ref = jax.jit(jax.grad(loss(ref_fn), argnums=(0, 1)))(params, x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=tol, atol=tol), g, g_ref)
     assert jax.tree.structure(g[0]) == jax.tree.structure(params)
     return aux, probs, logits, idx, keep
@@ -228,8 +230,10 @@ def test_bf16_compute_f32_params():
     assert y.dtype == jnp.bfloat16 and aux["load_balance_loss"].dtype == jnp.float32
     y_ref, _ = np_moe(params, x, cfg)
     np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=5e-2, atol=5e-2)
-    g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)[0].astype(jnp.float32)))(params)
-    g32 = jax.grad(lambda p: jnp.sum(MoE(cfg, D).apply({"params": p}, x)[0]))(params)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)[0].astype(jnp.float32))))(
+        params
+    )
+    g32 = jax.jit(jax.grad(lambda p: jnp.sum(MoE(cfg, D).apply({"params": p}, x)[0])))(params)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g32), strict=True):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(np.abs(b).max()) + 1e-3)
@@ -237,7 +241,8 @@ def test_bf16_compute_f32_params():
 
 def test_param_names_shapes_and_axes():
     cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, num_shared_experts=1, shared_expert_gate=True)
-    boxed = MoE(cfg, D).init(jax.random.key(0), jnp.zeros((B, L, D)))["params"]
+    # eval_shape: names and shapes without compiling or running the initialisers.
+    boxed = jax.eval_shape(MoE(cfg, D).init, jax.random.key(0), jnp.zeros((B, L, D)))["params"]
     shapes = jax.tree.map(lambda a: a.shape, nn.unbox(boxed))
     assert shapes["router"]["kernel"] == (D, E)
     assert shapes["experts"] == {"wi_gate": (E, D, F), "wi_up": (E, D, F), "wo": (E, F, D)}
@@ -246,7 +251,7 @@ def test_param_names_shapes_and_axes():
     assert boxed["experts"]["wi_up"].names == ("exp", "embed_moe", "mlp_moe")
     assert boxed["experts"]["wo"].names == ("exp", "mlp_moe", "embed_moe")
     relu = MoE(MoEConfig(num_experts=E, top_k=1, d_ff=F, activation="relu"), D)
-    relu_params = relu.init(jax.random.key(0), jnp.zeros((B, L, D)))["params"]
+    relu_params = jax.eval_shape(relu.init, jax.random.key(0), jnp.zeros((B, L, D)))["params"]
     assert "wi_gate" not in relu_params["experts"]
     with pytest.raises(ValueError, match="d_model"):
-        MoE(cfg, D).init(jax.random.key(0), jnp.zeros((B, L, D + 1)))
+        jax.eval_shape(MoE(cfg, D).init, jax.random.key(0), jnp.zeros((B, L, D + 1)))

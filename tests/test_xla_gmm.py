@@ -37,8 +37,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("m,k,n,g,tile_m,slack,zeros", CASES)
-@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize(
+    "m,k,n,g,tile_m,slack,zeros,transpose_rhs",
+    [(*case, False) for case in CASES] + [(*CASES[0], True), (*CASES[3], True)],
+)
 def test_gmm_matches_ragged_dot(m, k, n, g, tile_m, slack, zeros, transpose_rhs):
     rng = np.random.default_rng(m * 31 + g)
     sizes = _random_sizes(rng, m, g, slack=slack, zeros=zeros)
@@ -119,3 +121,13 @@ def test_padded_layout_round_trip():
         group = np.asarray(layout.tile_group_Tp)[p // tile_m]
         assert starts[group] <= src[p] < starts[group + 1]
     assert int(layout.num_used_tiles) == sum(-(-s // tile_m) for s in sizes)
+
+
+def test_effective_tile_shrinks_for_few_rows():
+    assert xla_gmm.effective_tile(16384, 8, 256) == 256
+    assert xla_gmm.effective_tile(16, 8, 256) == 2  # decoding-sized: mean group of 2 rows
+    assert xla_gmm.effective_tile(26, 4, 8) == 8
+    for m, g in [(1, 1), (3, 8), (100, 3), (1000, 64)]:
+        tile = xla_gmm.effective_tile(m, g, 256)
+        padded = xla_gmm.num_padded_tiles(m, g, tile) * tile
+        assert padded <= 3 * m + g

@@ -116,7 +116,7 @@ def dropless_plan(indices_TxK: jax.Array, num_experts: int, *, tile_m: int | Non
             sorted_of_assign_M.reshape(num_tokens, top_k),
             group_sizes_E,
         )
-    tile_m = max(1, min(tile_m, num_assign))
+    tile_m = xla_gmm.effective_tile(num_assign, num_experts, tile_m)
     layout = xla_gmm.padded_layout(group_sizes_E, num_assign, tile_m)
     # Padding rows point at sorted position M, which the appended sentinel maps to "no
     # assignment" (T * K), hence token T.

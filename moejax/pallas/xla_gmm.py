@@ -50,6 +50,17 @@ def num_padded_tiles(num_rows: int, num_groups: int, tile_m: int) -> int:
     return max((num_rows - n) // tile_m + n, 1)
 
 
+def effective_tile(num_rows: int, num_groups: int, tile_m: int) -> int:
+    """The row tile actually used: `tile_m`, shrunk for few rows.
+
+    Padding costs up to one tile per group, so with few rows (decoding, tiny batches) a large
+    tile would multiply the work by up to G; the tile is capped at the power of two at or above
+    the mean group size, which bounds the padding rows by about twice the real ones.
+    """
+    mean_group = max(1, -(-num_rows // max(num_groups, 1)))
+    return max(1, min(tile_m, 1 << (mean_group - 1).bit_length()))
+
+
 def padded_layout(group_sizes: jax.Array, num_rows: int, tile_m: int) -> PaddedLayout:
     """Index maps between the consecutive-row layout and the tile-padded layout.
 
@@ -180,14 +191,14 @@ def gmm_xla(
       group_sizes: [G] int32, sum <= M.
       transpose_rhs: use rhs[g].T.
       preferred_element_type: result dtype; None = lhs.dtype.
-      tile_m: row tile (padding granularity).
+      tile_m: row tile (padding granularity), shrunk by `effective_tile` for few rows.
 
     Returns:
       [M, N]: row i of group g is lhs[i] @ rhs[g]; rows past sum(group_sizes) are zero.
     """
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     num_rows = lhs.shape[0]
-    tile_m = max(1, min(tile_m, num_rows))
+    tile_m = effective_tile(num_rows, group_sizes.shape[0], tile_m)
     layout = padded_layout(group_sizes, num_rows, tile_m)
     lhs_PxK = _gather_rows(lhs, layout.src_row_P)
     out_PxN = gmm_padded(
@@ -272,7 +283,7 @@ def tgmm_xla(
         )
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     num_rows = lhs.shape[0]
-    tile_m = max(1, min(tile_m, num_rows))
+    tile_m = effective_tile(num_rows, num_groups, tile_m)
     layout = padded_layout(group_sizes, num_rows, tile_m)
     # Padding rows gather the extra zero row, so they add nothing to any group.
     lhs_PxK = _gather_rows(lhs, layout.src_row_P)
