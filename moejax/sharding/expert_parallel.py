@@ -20,6 +20,9 @@ Strategies (MoEConfig.expert_parallel):
   token's sum to its shard. Exact, no bound, ep x the token traffic.
 With F split over "tensor", each shard holds a partial sum over its F slice; a psum over
 "tensor" on the [T, D] output (the smallest tensor on the way) completes it.
+Expert weights stored with D split over "fsdp" (rule embed_moe -> fsdp) enter the shard_map
+gathered over fsdp (ZeRO-3: XLA inserts the all-gather, and the reduce-scatter of their
+gradients on the way back).
 
 When the tokens do not split over "expert" (e.g. a tiny decode batch), they stay replicated over
 it and each shard computes its experts' part for all of them, then a psum over "expert".
