@@ -144,6 +144,10 @@ def test_initialize_distributed_single_process(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
     monkeypatch.delenv("MEGASCALE_COORDINATOR_ADDRESS", raising=False)
+    monkeypatch.delenv("MOEJAX_DISTRIBUTED", raising=False)
     assert initialize_distributed() is False
     monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert initialize_distributed() is False
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("MOEJAX_DISTRIBUTED", "0")  # explicit opt-out wins over detection
     assert initialize_distributed() is False

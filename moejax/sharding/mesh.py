@@ -108,6 +108,11 @@ _MULTIPROCESS_ENV = (
 
 
 def _looks_multiprocess() -> bool:
+    # Explicit switch, for clusters the variables below do not reveal (e.g. Cloud TPU VMs,
+    # where jax.distributed finds the other hosts through the metadata server).
+    forced = os.environ.get("MOEJAX_DISTRIBUTED")
+    if forced is not None:
+        return forced.strip().lower() in ("1", "true", "yes")
     for var in _MULTIPROCESS_ENV:
         value = os.environ.get(var)
         if not value:
@@ -134,6 +139,7 @@ def initialize_distributed(
 
     Must run before anything touches the devices. A single-process run (no cluster environment
     and no explicit arguments) is left alone, so scripts can call it unconditionally.
+    MOEJAX_DISTRIBUTED=1 forces initialisation (=0 forbids it) whatever the environment says.
     jax.distributed auto-detects Cloud TPU pods, SLURM and Open MPI; the explicit arguments
     (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) cover anything else.
 
