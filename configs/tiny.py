@@ -4,11 +4,11 @@ Command (this is also what `python -m moejax.train` runs with no flags):
 
     python -m moejax.train --config=configs/tiny.py --workdir=runs/tiny
 
-Expected (measured, 2-core CPU shared with other jobs): 500 steps in 3m43s wall (1m42s user
-CPU; 11 min when the machine was loaded ~6x over); validation cross-entropy falls from ~5.5
-nats/byte (uniform over 256 bytes) to 1.409 nats/byte (2.03 bits/byte); the per-layer expert
-load ends near uniform (0.105-0.156 per expert, balanced = 0.125). Losses are deterministic:
-the same numbers on every run. Any field can be overridden, e.g.
+Expected (measured on the 2-core CPU): 500 steps in 2m23s wall with the machine nearly idle
+(3m43s lightly shared, 11 min when loaded ~6x over by other jobs); validation cross-entropy
+falls from ~5.5 nats/byte (uniform over 256 bytes) to 1.409 nats/byte (2.03 bits/byte); the
+per-layer expert load ends near uniform (0.105-0.156 per expert, balanced = 0.125). Losses
+are deterministic: the same numbers on every run. Any field can be overridden, e.g.
 `--config.moe.num_experts=16 --config.train.steps=100`.
 """
 
