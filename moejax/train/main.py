@@ -45,8 +45,12 @@ def main(argv: list[str]) -> int:
     if not flags.FLAGS["verbosity"].present:
         # Keep the terminal for the progress bar and the summary; --verbosity=0 shows INFO.
         absl_logging.set_verbosity(absl_logging.WARNING)
+    from moejax.sharding import initialize_distributed
     from moejax.train.trainer import format_summary, train_and_evaluate
 
+    # Before anything touches the devices: joins a multi-host run (TPU pod slice, SLURM, MPI,
+    # JAX_COORDINATOR_ADDRESS); a no-op in a single-process run.
+    initialize_distributed()
     try:
         summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=True)
     except ValueError as e:
