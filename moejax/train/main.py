@@ -19,9 +19,10 @@ import moejax
 
 
 def default_config_path() -> str:
-    """configs/tiny.py: in the current directory, else in the checkout the package lives in."""
+    """configs/tiny.py: in the current directory, else the copy installed as moejax.configs."""
     candidates = [
         Path.cwd() / "configs" / "tiny.py",
+        Path(moejax.__file__).resolve().parent / "configs" / "tiny.py",
         Path(moejax.__file__).resolve().parent.parent / "configs" / "tiny.py",
     ]
     for c in candidates:
