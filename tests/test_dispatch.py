@@ -99,34 +99,41 @@ def _grads_close(fn, ref_fn, args, tol):
 
 
 @pytest.mark.parametrize(
-    "case,top_k,backend",
+    "case,top_k,backend,activation",
     [
-        ("random", 2, "xla"),
-        ("random", 2, "ragged_dot"),
-        ("empty_expert", 2, "xla"),
-        ("one_expert", 1, "xla"),
-        ("random", E, "xla"),  # top_k == num_experts
+        ("random", 2, "xla", "swiglu"),
+        ("random", 2, "ragged_dot", "swiglu"),
+        ("empty_expert", 2, "xla", "swiglu"),
+        ("one_expert", 1, "xla", "swiglu"),
+        ("random", E, "xla", "swiglu"),  # top_k == num_experts
+        ("empty_expert", 2, "xla", "relu"),  # not gated: no wi_gate in the fused tile MLP
+        ("random", 2, "ragged_dot", "relu"),
     ],
 )
-def test_dropless_matches_reference(case, top_k, backend):
+def test_dropless_matches_reference(case, top_k, backend, activation):
     rng = np.random.default_rng(hash((case, top_k)) % 2**32)
     idx, w = routing_case(case, rng, top_k)
     x = rng.normal(size=(T, D)).astype(np.float32)
     wg, wu, wo = make_weights(rng)
-    cfg = MoEConfig(num_experts=E, top_k=top_k, d_ff=F, gmm_backend=backend, gmm_tile=8)
-
-    def fn(x, w, wg, wu, wo):
-        return dispatch.dropless_ffn(x, w, idx, wg, wu, wo, cfg)
-
+    cfg = MoEConfig(
+        num_experts=E, top_k=top_k, d_ff=F, gmm_backend=backend, gmm_tile=8, activation=activation
+    )
     keep = np.ones(idx.shape, bool)
-    y = jax.jit(fn)(x, w, wg, wu, wo)
+    expected = np_token_choice(x, w, idx, keep, wg, wu, wo, activation)
+    args = (x, w, wg, wu, wo) if activation == "swiglu" else (x, w, wu, wo)
+
+    def fn(x, w, *ws):
+        gate = ws[0] if activation == "swiglu" else None
+        return dispatch.dropless_ffn(x, w, idx, gate, *ws[-2:], cfg)
+
+    y = jax.jit(fn)(*args)
     assert y.dtype == jnp.float32
-    np.testing.assert_allclose(y, np_token_choice(x, w, idx, keep, wg, wu, wo, "swiglu"), atol=1e-5)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
 
-    def ref(x, w, wg, wu, wo):
-        return jnp_token_choice(x, w, idx, keep, wg, wu, wo, "swiglu")
+    def ref(x, w, *ws):
+        return jnp_token_choice(x, w, idx, keep, ws[0], *ws[-2:], activation)
 
-    _grads_close(fn, ref, (x, w, wg, wu, wo), 1e-4)
+    _grads_close(fn, ref, args, 1e-4)
 
 
 def test_dropless_plan_layouts():

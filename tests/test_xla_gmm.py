@@ -131,3 +131,50 @@ def test_effective_tile_shrinks_for_few_rows():
         tile = xla_gmm.effective_tile(m, g, 256)
         padded = xla_gmm.num_padded_tiles(m, g, tile) * tile
         assert padded <= 3 * m + g
+
+
+def _ragged_mlp(x, wg, wu, wo, sizes, act):
+    """The expert MLP through jax.lax.ragged_dot (float32): the differentiable reference."""
+    up = jax.lax.ragged_dot(x, wu, sizes)
+    h = act(jax.lax.ragged_dot(x, wg, sizes)) * up if wg is not None else act(up)
+    return jax.lax.ragged_dot(h, wo, sizes)
+
+
+@pytest.mark.parametrize(
+    "case,gated,dtype",
+    [(CASES[0], True, jnp.float32), (CASES[3], False, jnp.float32), (CASES[5], True, jnp.float32)]
+    + [(CASES[2], True, jnp.bfloat16)],
+)
+def test_mlp_padded_and_grads_match_ragged_dot(case, gated, dtype):
+    m, d, f, g, tile_m, slack, zeros = case
+    rng = np.random.default_rng(m * 7 + g)
+    sizes = jnp.asarray(_random_sizes(rng, m, g, slack=slack, zeros=zeros), jnp.int32)
+    x, wg, wu, wo, dy = (
+        jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[-2] if len(shape) == 3 else 1), dtype)
+        for shape in ((m, d), (g, d, f), (g, d, f), (g, f, d), (m, d))
+    )
+    wg = wg if gated else None
+    act = jax.nn.silu if gated else jax.nn.relu
+    layout = xla_gmm.padded_layout(sizes, m, tile_m)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((1, d), a.dtype)])[layout.src_row_P]  # noqa: E731
+    unpad = lambda a: jnp.concatenate([a, jnp.zeros((1, d), a.dtype)])[layout.dst_row_M]  # noqa: E731
+    tiles = (layout.tile_group_Tp, layout.num_used_tiles)
+
+    @jax.jit
+    def padded(x, wg, wu, wo, dy):
+        y, pre = xla_gmm.mlp_padded(pad(x), wg, wu, wo, *tiles, act=act, tile_m=tile_m)
+        grads = xla_gmm.mlp_padded_bwd(
+            pad(x), wg, wu, wo, *tiles, pre, pad(dy), act=act, tile_m=tile_m
+        )
+        return unpad(y), unpad(grads[0]), *grads[1:]
+
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+    y_ref, vjp = jax.vjp(lambda *a: _ragged_mlp(*a, sizes, act), f32(x), f32(wg), f32(wu), f32(wo))
+    refs = (y_ref, *vjp(f32(dy)))
+    tol = 1e-4 if dtype == jnp.float32 else 5e-2
+    for out, ref in zip(padded(x, wg, wu, wo, dy), refs, strict=True):
+        if ref is None:
+            assert out is None
+            continue
+        assert out.dtype == dtype
+        np.testing.assert_allclose(f32(out), ref, rtol=tol, atol=tol * np.abs(ref).max())

@@ -8,8 +8,9 @@ gathers each token's rows back and sums them with the router weights in float32:
 - dropless: (token, choice) pairs sorted by expert (`sort_by_expert`), rows = T * K, experts run
   as a grouped matmul (`moejax.pallas.gmm`). On the XLA backend the rows are placed directly in
   the tile-padded layout of `moejax.pallas.xla_gmm` (each expert starts on a tile boundary), so
-  the one gather that dispatch needs anyway also does the padding, and the scan over row tiles
-  runs without gmm's own gathers in and out of that layout.
+  the one gather that dispatch needs anyway also does the padding, and one scan over row tiles
+  runs each tile's whole expert MLP (`xla_gmm.mlp_padded`, with a one-scan backward), without
+  gmm's own gathers in and out of that layout or a [P, F] hidden layer in memory.
 - capacity: rows = E * C slots; an over-full expert keeps its first C assignments in priority
   order ("position": token order, then choice rank; "probs": highest router weight first) and
   drops the rest (a dropped assignment contributes zero). Experts run as one batched einsum.
@@ -285,52 +286,53 @@ def _combine_rows_bwd(res, dy_TxD):
 combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _padded_gmm(lhs_PxK, rhs, tile_group, num_used_tiles, transpose_rhs, tile_m):
-    return xla_gmm.gmm_padded(
-        lhs_PxK,
-        rhs,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _padded_mlp(x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m):
+    y_PxD, _ = xla_gmm.mlp_padded(
+        x_PxD,
+        wi_gate,
+        wi_up,
+        wo,
         tile_group,
         num_used_tiles,
-        transpose_rhs=transpose_rhs,
-        preferred_element_type=lhs_PxK.dtype,
+        act=activation_fn(activation),
         tile_m=tile_m,
     )
+    return y_PxD
 
 
-def _padded_gmm_fwd(lhs_PxK, rhs, tile_group, num_used_tiles, transpose_rhs, tile_m):
-    out = _padded_gmm(lhs_PxK, rhs, tile_group, num_used_tiles, transpose_rhs, tile_m)
-    return out, (lhs_PxK, rhs, tile_group, num_used_tiles)
-
-
-def _padded_gmm_bwd(transpose_rhs, tile_m, res, grad_PxN):
-    lhs_PxK, rhs, tile_group, num_used_tiles = res
-    grad_PxN = grad_PxN.astype(lhs_PxK.dtype)
-    d_lhs = xla_gmm.gmm_padded(
-        grad_PxN,
-        rhs,
+def _padded_mlp_fwd(x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m):
+    y_PxD, pre = xla_gmm.mlp_padded(
+        x_PxD,
+        wi_gate,
+        wi_up,
+        wo,
         tile_group,
         num_used_tiles,
-        transpose_rhs=not transpose_rhs,
-        preferred_element_type=lhs_PxK.dtype,
+        act=activation_fn(activation),
         tile_m=tile_m,
     )
-    # Padding rows of lhs are zero (they gather the zero row, and every activation maps 0 to 0),
-    # so they add nothing to the weight gradient.
-    a, b = (grad_PxN, lhs_PxK) if transpose_rhs else (lhs_PxK, grad_PxN)
-    d_rhs = xla_gmm.tgmm_padded(
-        a,
-        b,
+    return y_PxD, (x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, pre)
+
+
+def _padded_mlp_bwd(activation, tile_m, res, dy_PxD):
+    x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, pre = res
+    grads = xla_gmm.mlp_padded_bwd(
+        x_PxD,
+        wi_gate,
+        wi_up,
+        wo,
         tile_group,
         num_used_tiles,
-        num_groups=rhs.shape[0],
-        preferred_element_type=rhs.dtype,
+        pre,
+        dy_PxD.astype(x_PxD.dtype),
+        act=activation_fn(activation),
         tile_m=tile_m,
     )
-    return d_lhs, d_rhs, None, None
+    return (*grads, None, None)
 
 
-_padded_gmm.defvjp(_padded_gmm_fwd, _padded_gmm_bwd)
+_padded_mlp.defvjp(_padded_mlp_fwd, _padded_mlp_bwd)
 
 
 def _expert_hidden(x_Rx_, wi_gate, wi_up, activation: str, matmul) -> jax.Array:
@@ -356,7 +358,8 @@ def grouped_expert_mlp(
       x_RxD: rows from `gather_rows` with a dropless plan.
       wi_gate_ExDxF: gate weights (gated activations), else None.
       wi_up_ExDxF, wo_ExFxD: expert weights, in x's dtype.
-      plan: the DispatchPlan (padded layout -> scan over tiles; compact -> moejax.pallas.gmm).
+      plan: the DispatchPlan (padded layout -> one scan over row tiles running the whole MLP,
+        `moejax.pallas.xla_gmm.mlp_padded`; compact -> moejax.pallas.gmm per matmul).
       activation: MLP type (see moejax.layers.mlp).
       backend: moejax.pallas.gmm backend for the compact layout.
 
@@ -365,13 +368,19 @@ def grouped_expert_mlp(
     """
     if plan.padded:
         tile_m = plan.token_of_row_R.shape[0] // plan.tile_group.shape[0]
+        return _padded_mlp(
+            x_RxD,
+            wi_gate_ExDxF,
+            wi_up_ExDxF,
+            wo_ExFxD,
+            plan.tile_group,
+            plan.num_used_tiles,
+            activation,
+            tile_m,
+        )
 
-        def matmul(lhs, rhs):
-            return _padded_gmm(lhs, rhs, plan.tile_group, plan.num_used_tiles, False, tile_m)
-    else:
-
-        def matmul(lhs, rhs):
-            return pallas.gmm(lhs, rhs, plan.group_sizes_E, backend=backend, config=None)
+    def matmul(lhs, rhs):
+        return pallas.gmm(lhs, rhs, plan.group_sizes_E, backend=backend, config=None)
 
     h_RxF = _expert_hidden(x_RxD, wi_gate_ExDxF, wi_up_ExDxF, activation, matmul)
     return matmul(h_RxF, wo_ExFxD)

@@ -7,8 +7,10 @@ and a `lax.scan` over the tiles multiplies each tile by its own group's weight o
 the real FLOPs plus at most one partial tile per group, plus two row gathers (in and out of the
 padded layout). Tiles past the last used one are skipped with `lax.cond`.
 
-The functions are plain (no custom_vjp): `moejax.pallas.ops` wraps them. `padded_layout` is
-public so that dispatch code can gather tokens straight into the padded layout.
+The functions are plain (no custom_vjp): `moejax.pallas.ops` wraps the grouped matmuls, and
+`moejax.layers.dispatch` wraps `mlp_padded`/`mlp_padded_bwd` (a whole expert MLP per tile in one
+scan, for the dropless MoE layer). `padded_layout` is public so that dispatch code can gather
+tokens straight into the padded layout.
 
 Legend: M rows, K contraction width, N output width, G groups, P padded rows (= T_p * tile_m),
 T_p number of row tiles (static upper bound).
@@ -297,3 +299,136 @@ def tgmm_xla(
         preferred_element_type=out_dtype,
         tile_m=tile_m,
     )
+
+
+def _tile_scan_xs(num_tiles: int, tile_group_Tp: jax.Array, tile_m: int, *rows: jax.Array):
+    """(tile index, tile group, each [P, N] operand as [T_p, tile_m, N]): a tile scan's xs."""
+    tiles = tuple(r.reshape(num_tiles, tile_m, r.shape[1]) for r in rows)
+    return (jnp.arange(num_tiles, dtype=jnp.int32), tile_group_Tp, *tiles)
+
+
+def mlp_padded(
+    x_PxD: jax.Array,
+    wi_gate_GxDxF: jax.Array | None,
+    wi_up_GxDxF: jax.Array,
+    wo_GxFxD: jax.Array,
+    tile_group_Tp: jax.Array,
+    num_used_tiles: jax.Array,
+    *,
+    act,
+    tile_m: int,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """A whole expert MLP per row tile in one scan: act(x @ wi_gate) * (x @ wi_up) @ wo.
+
+    One scan instead of one per matmul keeps the [tile_m, F] hidden activations of a tile in
+    cache between the matmuls and the elementwise work, and never writes the [P, F] hidden
+    layer; only the pre-activations are kept, as residuals for `mlp_padded_bwd`.
+
+    Args:
+      x_PxD: [P, D] rows in the padded layout (padding rows zero).
+      wi_gate_GxDxF: gate weights (gated MLPs), else None; wi_up_GxDxF: [G, D, F];
+        wo_GxFxD: [G, F, D].
+      tile_group_Tp, num_used_tiles: as for `gmm_padded`.
+      act: elementwise nonlinearity (of the gate for gated MLPs) with act(0) = 0.
+      tile_m: rows per tile.
+
+    Returns:
+      y_PxD in x's dtype (zero on skipped tiles) and the residuals (pre-activations, [P, F]
+      each: up, then gate for gated MLPs).
+    """
+    num_tiles = tile_group_Tp.shape[0]
+    d, f = x_PxD.shape[1], wi_up_GxDxF.shape[2]
+    dtype = x_PxD.dtype
+    gated = wi_gate_GxDxF is not None
+    acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    weights = (wi_up_GxDxF, wo_GxFxD) + ((wi_gate_GxDxF,) if gated else ())
+
+    def dot(a, b):
+        return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+
+    def tile_mlp(x_txD, g):
+        w_up, w_o, *w_gate = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in weights)
+        pre = (dot(x_txD, w_up).astype(dtype),)
+        if gated:
+            pre += (dot(x_txD, w_gate[0]).astype(dtype),)
+            h_txF = act(pre[1]) * pre[0]
+        else:
+            h_txF = act(pre[0])
+        return dot(h_txF, w_o).astype(dtype), pre
+
+    def skip(x_txD, g):
+        zeros = _zeros_varying_like((tile_m, f), dtype, x_PxD, *weights)
+        return _zeros_varying_like((tile_m, d), dtype, x_PxD, *weights), (zeros,) * (1 + gated)
+
+    def step(_, xs):
+        t, g, x_txD = xs
+        return None, jax.lax.cond(t < num_used_tiles, tile_mlp, skip, x_txD, g)
+
+    _, (y, pre) = jax.lax.scan(step, None, _tile_scan_xs(num_tiles, tile_group_Tp, tile_m, x_PxD))
+    return y.reshape(-1, d), tuple(p.reshape(-1, f) for p in pre)
+
+
+def mlp_padded_bwd(
+    x_PxD: jax.Array,
+    wi_gate_GxDxF: jax.Array | None,
+    wi_up_GxDxF: jax.Array,
+    wo_GxFxD: jax.Array,
+    tile_group_Tp: jax.Array,
+    num_used_tiles: jax.Array,
+    residuals: tuple[jax.Array, ...],
+    dy_PxD: jax.Array,
+    *,
+    act,
+    tile_m: int,
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
+    """Gradients of `mlp_padded` in one scan over the tiles.
+
+    Each tile's weight gradients are added to its group's slice of float32 (or wider)
+    accumulators carried through the scan; padding rows are zero in x and in the hidden
+    activations (act(0) = 0), so they add nothing.
+
+    Returns:
+      d_x_PxD (zero on skipped tiles), d_wi_gate (None if not gated), d_wi_up, d_wo, in the
+      dtypes of their primals.
+    """
+    num_tiles = tile_group_Tp.shape[0]
+    d = x_PxD.shape[1]
+    dtype = x_PxD.dtype
+    gated = wi_gate_GxDxF is not None
+    acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    weights = (wi_up_GxDxF, wo_GxFxD) + ((wi_gate_GxDxF,) if gated else ())
+
+    def dot(a, b, dims):
+        return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=acc_dtype)
+
+    def tile_grads(acc, x_txD, dy_txD, g, *pre):
+        w_up, w_o, *w_gate = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in weights)
+        if gated:
+            h_txF, h_vjp = jax.vjp(lambda gate, up: act(gate) * up, pre[1], pre[0])
+        else:
+            h_txF, h_vjp = jax.vjp(act, pre[0])
+        d_h = dot(dy_txD, w_o, ((1,), (1,))).astype(dtype)
+        d_pre = h_vjp(d_h)
+        d_pre = (d_pre[1], d_pre[0]) if gated else d_pre
+        d_x = dot(d_pre[0], w_up, ((1,), (1,)))
+        if gated:
+            d_x = d_x + dot(d_pre[1], w_gate[0], ((1,), (1,)))
+        d_w = (dot(x_txD, d_pre[0], ((0,), (0,))), dot(h_txF, dy_txD, ((0,), (0,))))
+        if gated:
+            d_w += (dot(x_txD, d_pre[1], ((0,), (0,))),)
+        acc = tuple(a.at[g].add(dw) for a, dw in zip(acc, d_w, strict=True))
+        return acc, d_x.astype(dtype)
+
+    def skip(acc, x_txD, *_):
+        return acc, _zeros_varying_like((tile_m, d), dtype, x_PxD, dy_PxD, *weights)
+
+    def step(acc, xs):
+        t, g, x_txD, dy_txD, *pre = xs
+        return jax.lax.cond(t < num_used_tiles, tile_grads, skip, acc, x_txD, dy_txD, g, *pre)
+
+    acc = tuple(_zeros_varying_like(w.shape, acc_dtype, x_PxD, dy_PxD, *weights) for w in weights)
+    xs = _tile_scan_xs(num_tiles, tile_group_Tp, tile_m, x_PxD, dy_PxD, *residuals)
+    acc, d_x = jax.lax.scan(step, acc, xs)
+    d_w = tuple(a.astype(w.dtype) for a, w in zip(acc, weights, strict=True))
+    d_gate = d_w[2] if gated else None
+    return d_x.reshape(-1, d), d_gate, d_w[0], d_w[1]
