@@ -11,22 +11,13 @@ data): validation 1.421 nats/byte for this dense model vs 1.409 for tiny.py's Mo
 4x the FFN parameters at the same active compute).
 """
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
-
-
-def _tiny() -> ml_collections.ConfigDict:
-    # Built from tiny.py itself so the two runs can never drift apart in anything but the FFN.
-    spec = importlib.util.spec_from_file_location("tiny", Path(__file__).with_name("tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from moejax.configs import tiny
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _tiny()
+    # Built from tiny.py itself so the two runs can never drift apart in anything but the FFN.
+    config = tiny.get_config()
     # Dense FFN width = the MoE's active width: top_k experts of d_ff each (SwiGLU both).
     config.model.d_ff = config.moe.top_k * config.moe.d_ff  # 256
     config.model.dense_activation = config.moe.activation  # "swiglu"
