@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gmm_reference import np_gmm, np_tgmm
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -25,29 +26,6 @@ from moejax.pallas.mosaic_gmm import MosaicConfig, gmm_mosaic, tgmm_mosaic
 # Relative/absolute tolerances per input dtype: f32 differs from the oracle only by summation
 # order; bf16 results are rounded to 8 mantissa bits (when the output is bf16).
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=1.6e-2, atol=2e-2)}
-
-
-def _offsets(group_sizes):
-    return np.concatenate([[0], np.cumsum(group_sizes)])
-
-
-def np_gmm(lhs_MxK, rhs_GxKxN, group_sizes):
-    """float64 reference: rows of group g times rhs[g]; rows past the groups are zero."""
-    lhs, rhs = np.asarray(lhs_MxK, np.float64), np.asarray(rhs_GxKxN, np.float64)
-    out = np.zeros((lhs.shape[0], rhs.shape[2]))
-    off = _offsets(group_sizes)
-    for g in range(rhs.shape[0]):
-        out[off[g] : off[g + 1]] = lhs[off[g] : off[g + 1]] @ rhs[g]
-    return out
-
-
-def np_tgmm(lhs_MxK, grad_MxN, group_sizes):
-    """float64 reference: out[g] = lhs[rows_g].T @ grad[rows_g]; empty groups are zero."""
-    lhs, grad = np.asarray(lhs_MxK, np.float64), np.asarray(grad_MxN, np.float64)
-    off = _offsets(group_sizes)
-    return np.stack(
-        [lhs[off[g] : off[g + 1]].T @ grad[off[g] : off[g + 1]] for g in range(len(group_sizes))]
-    )
 
 
 def ragged_tgmm(lhs_MxK, grad_MxN, group_sizes):

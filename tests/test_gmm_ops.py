@@ -13,6 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gmm_reference import (
+    CASES,
+    PRODUCT_PARAMS,
+    assert_close,
+    np_gmm,
+    np_tgmm,
+    random_inputs,
+)
 
 from moejax.pallas import gmm, ops, tgmm
 
@@ -24,59 +32,6 @@ if importlib.util.find_spec("moejax.pallas.mosaic_gmm") is not None:
 # backends use their default tiling (shrunk to the problem).
 SMALL_CONFIG = {"xla": 16}
 
-CASES = {
-    # name: (M, K, N, group_sizes)
-    "random_with_empty": (61, 37, 29, [9, 0, 23, 0, 17]),
-    "one_group_all_rows": (40, 24, 20, [0, 0, 40, 0]),
-    "sum_below_rows": (50, 19, 33, [5, 20, 11]),
-    "all_empty": (20, 16, 18, [0, 0, 0]),
-}
-
-# Every case in float32, the two with partial tiles everywhere also in bfloat16 (interpret mode
-# compiles each product separately: this keeps the file's runtime small).
-PRODUCT_PARAMS = [pytest.param(c, jnp.float32, id=f"{c}-f32") for c in CASES] + [
-    pytest.param(c, jnp.bfloat16, id=f"{c}-bf16") for c in ("random_with_empty", "sum_below_rows")
-]
-
-TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=6e-2)}
-
-
-def np_gmm(lhs, rhs_GxKxN, group_sizes):
-    """Reference: float64 loop over groups, zeros past sum(group_sizes)."""
-    lhs = np.asarray(lhs, np.float64)
-    rhs_GxKxN = np.asarray(rhs_GxKxN, np.float64)
-    out = np.zeros((lhs.shape[0], rhs_GxKxN.shape[2]))
-    start = 0
-    for g, size in enumerate(group_sizes):
-        out[start : start + size] = lhs[start : start + size] @ rhs_GxKxN[g]
-        start += size
-    return out
-
-
-def np_tgmm(lhs, grad, group_sizes):
-    lhs = np.asarray(lhs, np.float64)
-    grad = np.asarray(grad, np.float64)
-    out = np.zeros((len(group_sizes), lhs.shape[1], grad.shape[1]))
-    start = 0
-    for g, size in enumerate(group_sizes):
-        out[g] = lhs[start : start + size].T @ grad[start : start + size]
-        start += size
-    return out
-
-
-def _inputs(m, k, n, g, dtype, seed=0):
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    lhs = jax.random.normal(k1, (m, k), jnp.float32).astype(dtype)
-    rhs = jax.random.normal(k2, (g, k, n), jnp.float32).astype(dtype)
-    grad = jax.random.normal(k3, (m, n), jnp.float32).astype(dtype)
-    return lhs, rhs, grad
-
-
-def _close(actual, expected, dtype):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **TOLERANCE[dtype]
-    )
-
 
 def _kw(backend):
     return dict(backend=backend, config=SMALL_CONFIG.get(backend))
@@ -86,20 +41,20 @@ def _kw(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_products_match_numpy(backend, case, dtype):
     m, k, n, sizes = CASES[case]
-    lhs, rhs, grad = _inputs(m, k, n, len(sizes), dtype)
+    lhs, rhs, grad = random_inputs(m, k, n, len(sizes), dtype)
     gs = jnp.asarray(sizes, jnp.int32)
 
     out = gmm(lhs, rhs, gs, **_kw(backend))
     assert out.shape == (m, n) and out.dtype == dtype
-    _close(out, np_gmm(lhs, rhs, sizes), dtype)
+    assert_close(out, np_gmm(lhs, rhs, sizes), dtype)
     assert not np.asarray(out[sum(sizes) :], np.float32).any()
 
     out_t = gmm(lhs, jnp.swapaxes(rhs, 1, 2), gs, transpose_rhs=True, **_kw(backend))
-    _close(out_t, np_gmm(lhs, rhs, sizes), dtype)
+    assert_close(out_t, np_gmm(lhs, rhs, sizes), dtype)
 
     d_rhs = tgmm(lhs, grad, gs, **_kw(backend))
     assert d_rhs.shape == (len(sizes), k, n) and d_rhs.dtype == dtype
-    _close(d_rhs, np_tgmm(lhs, grad, sizes), dtype)
+    assert_close(d_rhs, np_tgmm(lhs, grad, sizes), dtype)
     for g, size in enumerate(sizes):
         if size == 0:
             assert not np.asarray(d_rhs[g], np.float32).any()
@@ -109,7 +64,7 @@ def test_products_match_numpy(backend, case, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_match_numpy_and_oracle(backend, transpose_rhs):
     m, k, n, sizes = CASES["random_with_empty"]
-    lhs, rhs, grad = _inputs(m, k, n, len(sizes), jnp.float32, seed=1)
+    lhs, rhs, grad = random_inputs(m, k, n, len(sizes), jnp.float32, seed=1)
     gs = jnp.asarray(sizes, jnp.int32)
     rhs_in = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
 
@@ -124,16 +79,16 @@ def test_gradients_match_numpy_and_oracle(backend, transpose_rhs):
     np_d_rhs = np_tgmm(lhs, grad, sizes)
     if transpose_rhs:
         d_rhs = jnp.swapaxes(d_rhs, 1, 2)
-    _close(d_lhs, np_d_lhs, jnp.float32)
-    _close(d_lhs, oracle_lhs, jnp.float32)
-    _close(d_rhs, np_d_rhs, jnp.float32)
-    _close(d_rhs, oracle_rhs, jnp.float32)
+    assert_close(d_lhs, np_d_lhs, jnp.float32)
+    assert_close(d_lhs, oracle_lhs, jnp.float32)
+    assert_close(d_rhs, np_d_rhs, jnp.float32)
+    assert_close(d_rhs, oracle_rhs, jnp.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_traced_group_sizes_and_mixed_precision(backend):
     m, k, n, sizes = CASES["random_with_empty"]
-    lhs, rhs, grad = _inputs(m, k, n, len(sizes), jnp.bfloat16, seed=2)
+    lhs, rhs, grad = random_inputs(m, k, n, len(sizes), jnp.bfloat16, seed=2)
     fn = jax.jit(lambda x, w, gs: gmm(x, w, gs, preferred_element_type=jnp.float32, **_kw(backend)))
     for perm in (sizes, sizes[::-1]):
         out = fn(lhs, rhs, jnp.asarray(perm, jnp.int32))
@@ -146,11 +101,11 @@ def test_traced_group_sizes_and_mixed_precision(backend):
         argnums=(0, 1),
     )(lhs, rhs)
     assert d_lhs.dtype == jnp.bfloat16 and d_rhs.dtype == jnp.bfloat16
-    _close(d_rhs, np_tgmm(lhs, grad, sizes), jnp.bfloat16)
+    assert_close(d_rhs, np_tgmm(lhs, grad, sizes), jnp.bfloat16)
 
 
 def test_group_sizes_get_no_cotangent():
-    lhs, rhs, _ = _inputs(8, 16, 16, 2, jnp.float32)
+    lhs, rhs, _ = random_inputs(8, 16, 16, 2, jnp.float32)
     gs = jnp.array([3, 4], jnp.int32)
     out, vjp = jax.vjp(lambda x, w, s: gmm(x, w, s, backend="xla"), lhs, rhs, gs)
     _, _, d_gs = vjp(jnp.ones_like(out))
@@ -162,9 +117,9 @@ def test_auto_backend_and_interpret_on_cpu():
     assert ops._resolve_backend("auto") == "xla"
     assert ops._resolve_interpret(None) is True
     assert ops._resolve_interpret(False) is False
-    lhs, rhs, _ = _inputs(24, 16, 8, 3, jnp.float32, seed=5)
+    lhs, rhs, _ = random_inputs(24, 16, 8, 3, jnp.float32, seed=5)
     sizes = [10, 0, 9]
-    _close(gmm(lhs, rhs, jnp.array(sizes, jnp.int32)), np_gmm(lhs, rhs, sizes), jnp.float32)
+    assert_close(gmm(lhs, rhs, jnp.array(sizes, jnp.int32)), np_gmm(lhs, rhs, sizes), jnp.float32)
 
 
 F32 = jnp.float32

@@ -10,6 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gmm_reference import (
+    CASES,
+    PRODUCT_PARAMS,
+    assert_close,
+    np_gmm,
+    np_tgmm,
+    random_inputs,
+)
 from jax._src.interpreters import mlir
 from jax._src.lib import triton
 from jax._src.lib.mlir import ir
@@ -21,82 +29,29 @@ from moejax.pallas import triton_gmm as tg
 # partial tiles at the edges (M, K, N below are not multiples of 16).
 SMALL = tg.TritonConfig(block_m=16, block_k=16, block_n=16, num_warps=4, num_stages=2)
 
-CASES = {
-    # name: (M, K, N, group_sizes)
-    "random_with_empty": (61, 37, 29, [9, 0, 23, 0, 17]),
-    "one_group_all_rows": (40, 24, 20, [0, 0, 40, 0]),
-    "sum_below_rows": (50, 19, 33, [5, 20, 11]),
-    "all_empty": (20, 16, 18, [0, 0, 0]),
-}
-
-# Every case in float32, the two with partial tiles everywhere also in bfloat16 (interpret mode
-# compiles each product separately: this keeps the file's runtime small).
-PRODUCT_PARAMS = [pytest.param(c, jnp.float32, id=f"{c}-f32") for c in CASES] + [
-    pytest.param(c, jnp.bfloat16, id=f"{c}-bf16") for c in ("random_with_empty", "sum_below_rows")
-]
-
-TOLERANCE = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=6e-2)}
-
-
-def np_gmm(lhs, rhs_GxKxN, group_sizes):
-    """Reference: float64 loop over groups, zeros past sum(group_sizes)."""
-    lhs = np.asarray(lhs, np.float64)
-    rhs_GxKxN = np.asarray(rhs_GxKxN, np.float64)
-    out = np.zeros((lhs.shape[0], rhs_GxKxN.shape[2]))
-    start = 0
-    for g, size in enumerate(group_sizes):
-        out[start : start + size] = lhs[start : start + size] @ rhs_GxKxN[g]
-        start += size
-    return out
-
-
-def np_tgmm(lhs, grad, group_sizes):
-    lhs = np.asarray(lhs, np.float64)
-    grad = np.asarray(grad, np.float64)
-    out = np.zeros((len(group_sizes), lhs.shape[1], grad.shape[1]))
-    start = 0
-    for g, size in enumerate(group_sizes):
-        out[g] = lhs[start : start + size].T @ grad[start : start + size]
-        start += size
-    return out
-
-
-def _inputs(m, k, n, g, dtype, seed=0):
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    lhs = jax.random.normal(k1, (m, k), jnp.float32).astype(dtype)
-    rhs = jax.random.normal(k2, (g, k, n), jnp.float32).astype(dtype)
-    grad = jax.random.normal(k3, (m, n), jnp.float32).astype(dtype)
-    return lhs, rhs, grad
-
-
-def _close(actual, expected, dtype):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float64), np.asarray(expected, np.float64), **TOLERANCE[dtype]
-    )
-
 
 @pytest.mark.parametrize("case,dtype", PRODUCT_PARAMS)
 def test_three_products_match_numpy_and_ragged_dot(case, dtype):
     m, k, n, sizes = CASES[case]
-    lhs, rhs, grad = _inputs(m, k, n, len(sizes), dtype)
+    lhs, rhs, grad = random_inputs(m, k, n, len(sizes), dtype)
     gs = jnp.asarray(sizes, jnp.int32)
     common = dict(backend="triton", config=SMALL, interpret=True)
 
     out = gmm(lhs, rhs, gs, **common)
     assert out.shape == (m, n) and out.dtype == dtype
-    _close(out, np_gmm(lhs, rhs, sizes), dtype)
-    _close(out, jax.lax.ragged_dot(lhs, rhs, gs), dtype)
+    assert_close(out, np_gmm(lhs, rhs, sizes), dtype)
+    assert_close(out, jax.lax.ragged_dot(lhs, rhs, gs), dtype)
     # ragged_dot semantics: rows past the groups are exactly zero, not just small.
     assert not np.asarray(out[sum(sizes) :], np.float32).any()
 
     out_t = gmm(lhs, jnp.swapaxes(rhs, 1, 2), gs, transpose_rhs=True, **common)
-    _close(out_t, np_gmm(lhs, rhs, sizes), dtype)
+    assert_close(out_t, np_gmm(lhs, rhs, sizes), dtype)
     assert not np.asarray(out_t[sum(sizes) :], np.float32).any()
 
     d_rhs = tgmm(lhs, grad, gs, **common)
     assert d_rhs.shape == (len(sizes), k, n) and d_rhs.dtype == dtype
-    _close(d_rhs, np_tgmm(lhs, grad, sizes), dtype)
-    _close(d_rhs, tgmm(lhs, grad, gs, backend="ragged_dot"), dtype)
+    assert_close(d_rhs, np_tgmm(lhs, grad, sizes), dtype)
+    assert_close(d_rhs, tgmm(lhs, grad, gs, backend="ragged_dot"), dtype)
     for g, size in enumerate(sizes):
         if size == 0:
             assert not np.asarray(d_rhs[g], np.float32).any()
@@ -104,7 +59,7 @@ def test_three_products_match_numpy_and_ragged_dot(case, dtype):
 
 def test_grad_matches_oracle_and_numpy():
     m, k, n, sizes = CASES["random_with_empty"]
-    lhs, rhs, grad = _inputs(m, k, n, len(sizes), jnp.float32, seed=1)
+    lhs, rhs, grad = random_inputs(m, k, n, len(sizes), jnp.float32, seed=1)
     gs = jnp.asarray(sizes, jnp.int32)
 
     def loss(fn):
@@ -119,13 +74,13 @@ def test_grad_matches_oracle_and_numpy():
     np_d_lhs = np_gmm(grad, rhs_t, sizes)
     np_d_rhs = np_tgmm(lhs, grad, sizes)
     for got, want, ref in zip(ours, oracle, (np_d_lhs, np_d_rhs), strict=True):
-        _close(got, want, jnp.float32)
-        _close(got, ref, jnp.float32)
+        assert_close(got, want, jnp.float32)
+        assert_close(got, ref, jnp.float32)
 
 
 def test_grad_transposed_rhs():
     m, k, n, sizes = CASES["sum_below_rows"]
-    lhs, rhs, grad = _inputs(m, k, n, len(sizes), jnp.float32, seed=2)
+    lhs, rhs, grad = random_inputs(m, k, n, len(sizes), jnp.float32, seed=2)
     rhs_GxNxK = jnp.swapaxes(rhs, 1, 2)
     gs = jnp.asarray(sizes, jnp.int32)
     d_lhs, d_rhs = jax.grad(
@@ -134,13 +89,13 @@ def test_grad_transposed_rhs():
         ),
         argnums=(0, 1),
     )(lhs, rhs_GxNxK)
-    _close(d_lhs, np_gmm(grad, np.swapaxes(np.asarray(rhs), 1, 2), sizes), jnp.float32)
-    _close(d_rhs, np.swapaxes(np_tgmm(lhs, grad, sizes), 1, 2), jnp.float32)
+    assert_close(d_lhs, np_gmm(grad, np.swapaxes(np.asarray(rhs), 1, 2), sizes), jnp.float32)
+    assert_close(d_rhs, np.swapaxes(np_tgmm(lhs, grad, sizes), 1, 2), jnp.float32)
 
 
 def test_bf16_inputs_f32_output_and_table_config():
     m, k, n, sizes = CASES["random_with_empty"]
-    lhs, rhs, grad = _inputs(m, k, n, len(sizes), jnp.bfloat16, seed=3)
+    lhs, rhs, grad = random_inputs(m, k, n, len(sizes), jnp.bfloat16, seed=3)
     gs = jnp.asarray(sizes, jnp.int32)
     # config=None: the tuned-table entry, shrunk to this small problem.
     out = gmm(lhs, rhs, gs, preferred_element_type=jnp.float32, backend="triton", interpret=True)
@@ -155,10 +110,12 @@ def test_bf16_inputs_f32_output_and_table_config():
 
 def test_traced_group_sizes_under_jit():
     m, k, n, sizes = CASES["random_with_empty"]
-    lhs, rhs, _ = _inputs(m, k, n, len(sizes), jnp.float32, seed=4)
+    lhs, rhs, _ = random_inputs(m, k, n, len(sizes), jnp.float32, seed=4)
     fn = jax.jit(lambda x, w, gs: gmm(x, w, gs, backend="triton", config=SMALL, interpret=True))
     for perm in (sizes, sizes[::-1]):
-        _close(fn(lhs, rhs, jnp.asarray(perm, jnp.int32)), np_gmm(lhs, rhs, perm), jnp.float32)
+        assert_close(
+            fn(lhs, rhs, jnp.asarray(perm, jnp.int32)), np_gmm(lhs, rhs, perm), jnp.float32
+        )
 
 
 @pytest.mark.parametrize(
@@ -273,7 +230,7 @@ def test_config_validation(field, value):
 
 
 def test_wrong_config_type_rejected():
-    lhs, rhs, _ = _inputs(16, 16, 16, 2, jnp.float32)
+    lhs, rhs, _ = random_inputs(16, 16, 16, 2, jnp.float32)
     with pytest.raises(ValueError, match="TritonConfig"):
         gmm(lhs, rhs, jnp.array([8, 8], jnp.int32), backend="triton", config=128, interpret=True)
 
