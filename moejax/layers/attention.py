@@ -29,6 +29,33 @@ def causal_mask(q_slots_L: jax.Array, k_slots_S: jax.Array) -> jax.Array:
     return k_slots_S[None, :] <= q_slots_L[:, None]
 
 
+def cache_slots(
+    module: nn.Module, decode: bool, batch: int, length: int, positions_BxL: jax.Array | None
+) -> tuple[nn.Variable | None, jax.Array, jax.Array, jax.Array]:
+    """Sequence slots of a call's L new tokens, and their RoPE positions.
+
+    Decoding, the tokens take cache slots cache_index .. cache_index + L - 1 (the module's
+    "cache" collection must be mutable); otherwise slots 0 .. L - 1. Positions default to the
+    slots. Shared by every attention variant that keeps a KV cache.
+
+    Returns:
+      (the cache_index variable or None, first slot int32 scalar, q_slots_L, positions_BxL).
+    """
+    if decode:
+        if not module.is_mutable_collection("cache"):
+            raise ValueError(
+                "decode=True needs the 'cache' collection mutable: apply(..., mutable=['cache'])"
+            )
+        index = module.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        start = index.value
+    else:
+        index, start = None, jnp.zeros((), jnp.int32)
+    q_slots_L = start + jnp.arange(length, dtype=jnp.int32)
+    if positions_BxL is None:
+        positions_BxL = jnp.broadcast_to(q_slots_L, (batch, length))
+    return index, start, q_slots_L, positions_BxL
+
+
 def dot_product_attention(
     q_BxLxHxK: jax.Array,
     k_BxSxNxK: jax.Array,
@@ -173,19 +200,9 @@ class Attention(nn.Module):
                 b, length, n, k
             )
 
-        if self.decode:
-            if not self.is_mutable_collection("cache"):
-                raise ValueError(
-                    "decode=True needs the 'cache' collection mutable: "
-                    "apply(..., mutable=['cache'])"
-                )
-            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-            start = index.value
-            q_slots_L = start + jnp.arange(length, dtype=jnp.int32)
-        else:
-            q_slots_L = jnp.arange(length, dtype=jnp.int32)
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(q_slots_L, (b, length))
+        index, start, q_slots_L, positions_BxL = cache_slots(
+            self, self.decode, b, length, positions_BxL
+        )
         q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
         k_BxLxNxK = apply_rope(k_BxLxNxK, positions_BxL, cfg.rope_theta)
         q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))

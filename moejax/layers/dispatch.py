@@ -288,17 +288,8 @@ combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def _padded_mlp(x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m):
-    y_PxD, _ = xla_gmm.mlp_padded(
-        x_PxD,
-        wi_gate,
-        wi_up,
-        wo,
-        tile_group,
-        num_used_tiles,
-        act=activation_fn(activation),
-        tile_m=tile_m,
-    )
-    return y_PxD
+    args = (x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m)
+    return _padded_mlp_fwd(*args)[0]
 
 
 def _padded_mlp_fwd(x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m):

@@ -29,7 +29,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.attention import OutProjection, _kernel_init, causal_mask, dot_product_attention
+from moejax.layers.attention import (
+    OutProjection,
+    _kernel_init,
+    cache_slots,
+    causal_mask,
+    dot_product_attention,
+)
 from moejax.layers.common import RMSNorm, apply_rope
 from moejax.layers.config import ModelConfig
 
@@ -98,19 +104,9 @@ class MLA(nn.Module):
         latent_BxLxC = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, name="kv_a_norm")(kv_BxLxCR[..., :c])
         k_rope_BxLx1xR = kv_BxLxCR[..., None, c:]
 
-        if self.decode:
-            if not self.is_mutable_collection("cache"):
-                raise ValueError(
-                    "decode=True needs the 'cache' collection mutable: "
-                    "apply(..., mutable=['cache'])"
-                )
-            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-            start = index.value
-            q_slots_L = start + jnp.arange(length, dtype=jnp.int32)
-        else:
-            q_slots_L = jnp.arange(length, dtype=jnp.int32)
-        if positions_BxL is None:
-            positions_BxL = jnp.broadcast_to(q_slots_L, (b, length))
+        index, start, q_slots_L, positions_BxL = cache_slots(
+            self, self.decode, b, length, positions_BxL
+        )
         q_rope_BxLxHxR = apply_rope(q_BxLxHxK[..., p:], positions_BxL, cfg.rope_theta)
         q_BxLxHxK = jnp.concatenate([q_BxLxHxK[..., :p], q_rope_BxLxHxR], axis=-1)
         k_rope_BxLx1xR = apply_rope(k_rope_BxLx1xR, positions_BxL, cfg.rope_theta)
