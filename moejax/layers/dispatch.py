@@ -434,6 +434,26 @@ def dropless_ffn(
     return combine_rows(out_RxD, weights_TxK, plan)
 
 
+def _buffered_experts(
+    x_TxD, plan, weights, buffer_shape, wi_gate_ExDxF, wi_up_ExDxF, wo_ExFxD, activation,
+    buffer_constraint,
+):  # fmt: skip
+    """Gather into [E, C, D] expert buffers, run every expert on its buffer, combine to [T, D].
+
+    Shared by capacity and expert-choice dispatch, which differ only in how `plan` fills the
+    buffers; `buffer_constraint` (optional) shards the buffers.
+    """
+    x_ExCxD = gather_rows(x_TxD, plan).reshape(*buffer_shape, -1)
+    if buffer_constraint is not None:
+        x_ExCxD = buffer_constraint(x_ExCxD)
+    out_ExCxD = batched_expert_mlp(
+        x_ExCxD, wi_gate_ExDxF, wi_up_ExDxF, wo_ExFxD, activation=activation
+    )
+    if buffer_constraint is not None:
+        out_ExCxD = buffer_constraint(out_ExCxD)
+    return combine_rows(out_ExCxD.reshape(buffer_shape[0] * buffer_shape[1], -1), weights, plan)
+
+
 def capacity_ffn(
     x_TxD: jax.Array,
     weights_TxK: jax.Array,
@@ -460,15 +480,10 @@ def capacity_ffn(
     """
     num_experts = wi_up_ExDxF.shape[0]
     plan = capacity_plan(indices_TxK, weights_TxK, num_experts, capacity, cfg.drop_policy)
-    x_ExCxD = gather_rows(x_TxD, plan).reshape(num_experts, capacity, -1)
-    if buffer_constraint is not None:
-        x_ExCxD = buffer_constraint(x_ExCxD)
-    out_ExCxD = batched_expert_mlp(
-        x_ExCxD, wi_gate_ExDxF, wi_up_ExDxF, wo_ExFxD, activation=cfg.activation
-    )
-    if buffer_constraint is not None:
-        out_ExCxD = buffer_constraint(out_ExCxD)
-    y_TxD = combine_rows(out_ExCxD.reshape(num_experts * capacity, -1), weights_TxK, plan)
+    y_TxD = _buffered_experts(
+        x_TxD, plan, weights_TxK, (num_experts, capacity), wi_gate_ExDxF, wi_up_ExDxF,
+        wo_ExFxD, cfg.activation, buffer_constraint,
+    )  # fmt: skip
     dropped = indices_TxK.size - plan.group_sizes_E.sum()
     return y_TxD, dropped.astype(jnp.float32) / indices_TxK.size
 
@@ -499,15 +514,10 @@ def expert_choice_ffn(
     num_tokens = x_TxD.shape[0]
     num_experts, capacity = token_indices_ExC.shape
     plan, weights_TxE = expert_choice_plan(token_indices_ExC, weights_ExC, num_tokens)
-    x_ExCxD = gather_rows(x_TxD, plan).reshape(num_experts, capacity, -1)
-    if buffer_constraint is not None:
-        x_ExCxD = buffer_constraint(x_ExCxD)
-    out_ExCxD = batched_expert_mlp(
-        x_ExCxD, wi_gate_ExDxF, wi_up_ExDxF, wo_ExFxD, activation=cfg.activation
-    )
-    if buffer_constraint is not None:
-        out_ExCxD = buffer_constraint(out_ExCxD)
-    y_TxD = combine_rows(out_ExCxD.reshape(num_experts * capacity, -1), weights_TxE, plan)
+    y_TxD = _buffered_experts(
+        x_TxD, plan, weights_TxE, (num_experts, capacity), wi_gate_ExDxF, wi_up_ExDxF,
+        wo_ExFxD, cfg.activation, buffer_constraint,
+    )  # fmt: skip
     picked_T = (plan.row_of_assign_TxK < num_experts * capacity).any(axis=1)
     unpicked = num_tokens - picked_T.sum(dtype=jnp.int32)
     return y_TxD, unpicked.astype(jnp.float32) / num_tokens
