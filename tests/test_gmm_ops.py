@@ -22,6 +22,7 @@ from gmm_reference import (
     random_inputs,
 )
 
+import moejax.pallas
 from moejax.pallas import gmm, ops, tgmm
 
 BACKENDS = ["xla", "ragged_dot"]
@@ -114,7 +115,11 @@ def test_group_sizes_get_no_cotangent():
 
 def test_auto_backend_and_interpret_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert ops._resolve_backend("auto") == "xla"
+    assert moejax.pallas.resolve_backend("auto") == "xla"
+    assert moejax.pallas.resolve_backend("mosaic") == "mosaic"
+    assert set(moejax.pallas.BACKENDS) == {"auto", "xla", "triton", "mosaic", "ragged_dot"}
+    with pytest.raises(ValueError, match=r"backend='cuda' is not one of \('auto'"):
+        moejax.pallas.resolve_backend("cuda")
     assert ops._resolve_interpret(None) is True
     assert ops._resolve_interpret(False) is False
     lhs, rhs, _ = random_inputs(24, 16, 8, 3, jnp.float32, seed=5)

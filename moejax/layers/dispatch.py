@@ -7,9 +7,9 @@ gathers each token's rows back and sums them with the router weights in float32:
 
 - dropless: (token, choice) pairs sorted by expert (`sort_by_expert`), rows = T * K, experts run
   as a grouped matmul (`moejax.pallas.gmm`). On the XLA backend the rows are placed directly in
-  the tile-padded layout of `moejax.pallas.xla_gmm` (each expert starts on a tile boundary), so
+  the tile-padded layout (`moejax.pallas.padded_layout`: each expert starts on a tile boundary), so
   the one gather that dispatch needs anyway also does the padding, and one scan over row tiles
-  runs each tile's whole expert MLP (`xla_gmm.mlp_padded`, with a one-scan backward), without
+  runs each tile's whole expert MLP (`moejax.pallas.expert_mlp_padded`, one-scan backward), without
   gmm's own gathers in and out of that layout or a [P, F] hidden layer in memory.
 - capacity: rows = E * C slots; an over-full expert keeps its first C assignments in priority
   order ("position": token order, then choice rank; "probs": highest router weight first) and
@@ -29,7 +29,6 @@ C capacity (slots per expert), R rows, M = T * K assignments, P padded rows.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -38,7 +37,6 @@ import jax.numpy as jnp
 from moejax import pallas
 from moejax.layers.config import MoEConfig
 from moejax.layers.mlp import GATED, activation_fn
-from moejax.pallas import xla_gmm
 
 
 class DispatchPlan(NamedTuple):
@@ -101,7 +99,7 @@ def dropless_plan(indices_TxK: jax.Array, num_experts: int, *, tile_m: int | Non
       indices_TxK: int expert of each (token, choice).
       num_experts: E.
       tile_m: None for the compact layout (R = T * K, for `moejax.pallas.gmm`); an int for the
-        tile-padded layout of `moejax.pallas.xla_gmm` (R = padded rows).
+        tile-padded layout of `moejax.pallas.padded_layout` (R = padded rows).
 
     Returns:
       The DispatchPlan.
@@ -117,8 +115,8 @@ def dropless_plan(indices_TxK: jax.Array, num_experts: int, *, tile_m: int | Non
             sorted_of_assign_M.reshape(num_tokens, top_k),
             group_sizes_E,
         )
-    tile_m = xla_gmm.effective_tile(num_assign, num_experts, tile_m)
-    layout = xla_gmm.padded_layout(group_sizes_E, num_assign, tile_m)
+    tile_m = pallas.effective_tile(num_assign, num_experts, tile_m)
+    layout = pallas.padded_layout(group_sizes_E, num_assign, tile_m)
     # Padding rows point at sorted position M, which the appended sentinel maps to "no
     # assignment" (T * K), hence token T.
     assign_of_row_P = _append(assign_of_sorted_M, num_assign)[layout.src_row_P]
@@ -286,46 +284,6 @@ def _combine_rows_bwd(res, dy_TxD):
 combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _padded_mlp(x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m):
-    args = (x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m)
-    return _padded_mlp_fwd(*args)[0]
-
-
-def _padded_mlp_fwd(x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, activation, tile_m):
-    y_PxD, pre = xla_gmm.mlp_padded(
-        x_PxD,
-        wi_gate,
-        wi_up,
-        wo,
-        tile_group,
-        num_used_tiles,
-        act=activation_fn(activation),
-        tile_m=tile_m,
-    )
-    return y_PxD, (x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, pre)
-
-
-def _padded_mlp_bwd(activation, tile_m, res, dy_PxD):
-    x_PxD, wi_gate, wi_up, wo, tile_group, num_used_tiles, pre = res
-    grads = xla_gmm.mlp_padded_bwd(
-        x_PxD,
-        wi_gate,
-        wi_up,
-        wo,
-        tile_group,
-        num_used_tiles,
-        pre,
-        dy_PxD.astype(x_PxD.dtype),
-        act=activation_fn(activation),
-        tile_m=tile_m,
-    )
-    return (*grads, None, None)
-
-
-_padded_mlp.defvjp(_padded_mlp_fwd, _padded_mlp_bwd)
-
-
 def _expert_hidden(x_Rx_, wi_gate, wi_up, activation: str, matmul) -> jax.Array:
     up = matmul(x_Rx_, wi_up)
     if activation in GATED:
@@ -350,7 +308,7 @@ def grouped_expert_mlp(
       wi_gate_ExDxF: gate weights (gated activations), else None.
       wi_up_ExDxF, wo_ExFxD: expert weights, in x's dtype.
       plan: the DispatchPlan (padded layout -> one scan over row tiles running the whole MLP,
-        `moejax.pallas.xla_gmm.mlp_padded`; compact -> moejax.pallas.gmm per matmul).
+        `moejax.pallas.expert_mlp_padded`; compact -> moejax.pallas.gmm per matmul).
       activation: MLP type (see moejax.layers.mlp).
       backend: moejax.pallas.gmm backend for the compact layout.
 
@@ -359,15 +317,16 @@ def grouped_expert_mlp(
     """
     if plan.padded:
         tile_m = plan.token_of_row_R.shape[0] // plan.tile_group.shape[0]
-        return _padded_mlp(
+        return pallas.expert_mlp_padded(
             x_RxD,
             wi_gate_ExDxF,
             wi_up_ExDxF,
             wo_ExFxD,
             plan.tile_group,
             plan.num_used_tiles,
-            activation,
-            tile_m,
+            act=activation_fn(activation),
+            gated=activation in GATED,
+            tile_m=tile_m,
         )
 
     def matmul(lhs, rhs):
@@ -395,8 +354,12 @@ def batched_expert_mlp(
 
 
 def use_padded_layout(backend: str) -> bool:
-    """True when gmm `backend` resolves to the XLA scan (the padded layout's only consumer)."""
-    return backend == "xla" or (backend == "auto" and jax.default_backend() == "cpu")
+    """True when gmm `backend` resolves to the XLA scan (the padded layout's only consumer).
+
+    Resolved by `moejax.pallas.resolve_backend`, the one place "auto" is decided, so the layout
+    and the grouped matmul never disagree about the platform.
+    """
+    return pallas.resolve_backend(backend) == "xla"
 
 
 def dropless_ffn(

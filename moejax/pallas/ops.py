@@ -36,11 +36,19 @@ def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend != "auto":
-        return backend
+def resolve_backend(name: str) -> str:
+    """The concrete backend for `name`: "auto" -> triton on GPU, mosaic on TPU, xla elsewhere.
+
+    Args:
+      name: one of `BACKENDS`.
+
+    Returns:
+      `name` itself unless it is "auto".
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not one of {BACKENDS}")
+    if name != "auto":
+        return name
     platform = jax.default_backend()
     if platform in ("gpu", "cuda", "rocm"):
         return "triton"
@@ -303,7 +311,7 @@ def gmm(
         group_sizes.astype(jnp.int32),
         bool(transpose_rhs),
         out_dtype,
-        _resolve_backend(backend),
+        resolve_backend(backend),
         config,
         _resolve_interpret(interpret),
     )
@@ -344,7 +352,7 @@ def tgmm(
         group_sizes.astype(jnp.int32),
         num_groups,
         out_dtype,
-        _resolve_backend(backend),
+        resolve_backend(backend),
         config,
         _resolve_interpret(interpret),
     )
