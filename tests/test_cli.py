@@ -101,3 +101,22 @@ def test_cli_subprocess_reports_field_and_fails(tmp_path):
         f"--workdir={tmp_path}", "--config.data.source=text", f"--config.data.path={tmp_path}/none"
     )
     assert bad.returncode != 0 and "data.path" in bad.stderr and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config=configs/nope.py"], "--config=configs/nope.py: no such config file"),
+        (["--config.train.stepz=3"], "--config.train.stepz: the config has no field 'stepz'"),
+        (
+            ["--config=configs/tiny.py", "--config.train.stepz=3"],
+            "(did you mean 'steps'?)",
+        ),
+        (["--config.train.steps=abc"], "--config.train.steps=abc"),
+    ],
+)
+def test_cli_bad_file_and_unknown_field_one_line_exit_2(tmp_path, args, message):
+    r = run_cli(f"--workdir={tmp_path}", *args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

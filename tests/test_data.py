@@ -1,5 +1,6 @@
 """Data pipeline: corpus splits, bad data errors, determinism, resumable and sharded iteration."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -140,37 +141,39 @@ def test_iterator_deterministic_shuffled_and_resumable(tmp_path):
     assert not np.array_equal(other, batches[0])
 
 
-def test_process_sharding_disjoint_and_complete():
-    # Token i has id i, so a window is identified by its first token.
+def test_process_rows_partition_each_global_batch():
+    # Token i has id i, so a window is identified by its first token. Two "processes" loading
+    # rows [0, 2) and [2, 4) of every global batch of 4 together load exactly the global batch
+    # one process loads, step by step: the batches do not depend on the process count.
     tokens_N = np.arange(40 * SEQ + 1)
-    firsts = []
-    for pi in range(2):
-        ds = data.make_dataset(
-            tokens_N,
-            seq_len=SEQ,
-            batch_size=2,
-            seed=0,
-            vocab_size=10**6,
-            shuffle=True,
-            repeat=False,
-            process_index=pi,
-            process_count=2,
-        )
-        batches = list(ds)
-        assert all(b.shape == (1, SEQ + 1) for b in batches)  # global batch 2 over 2 processes
-        firsts.append({int(r[0]) // SEQ for b in batches for r in b})
-    assert not firsts[0] & firsts[1]
-    assert firsts[0] | firsts[1] == set(range(40))
+    kw = dict(seq_len=SEQ, batch_size=4, seed=0, vocab_size=10**6)
+    whole = iter(data.make_dataset(tokens_N, **kw))
+    halves = [
+        iter(data.make_dataset(tokens_N, rows=np.arange(2 * p, 2 * p + 2), **kw)) for p in (0, 1)
+    ]
+    for _ in range(12):  # more than one epoch (10 batches)
+        np.testing.assert_array_equal(next(whole), np.concatenate([next(h) for h in halves]))
+    # The state counts global batches: a process resumes where any other process count stopped.
+    state = whole.get_state()
+    resumed = iter(data.make_dataset(tokens_N, rows=np.arange(2), **kw))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed), next(whole)[:2])
     with pytest.raises(ValueError, match="batch_size"):
-        data.make_dataset(
-            tokens_N,
-            seq_len=SEQ,
-            batch_size=3,
-            seed=0,
-            vocab_size=10**6,
-            process_index=0,
-            process_count=2,
-        )
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+        rows = data.process_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), 3)
+        assert list(rows) == [0, 1, 2]
+        data.process_rows(_FakeBlocks(), 3)
+
+
+class _FakeBlocks:
+    """A stand-in sharding whose batch has 2 row blocks (process_rows only reads indices)."""
+
+    device_set = frozenset(("d0", "d1"))
+    addressable_devices = frozenset(("d0", "d1"))
+
+    def devices_indices_map(self, shape):
+        half = shape[0] // 2
+        return {"d0": (slice(0, half), slice(None)), "d1": (slice(half, shape[0]), slice(None))}
 
 
 def test_eval_batches_fixed(tmp_path):

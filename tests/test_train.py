@@ -114,6 +114,21 @@ def test_restart_matches_uninterrupted_run(tmp_path):
         jax.device_get(s_b["final_state"]),
     )
 
+    # Resume hygiene: the step-8 checkpoint is lost (a kill before its commit), so the run
+    # resumes from step 4 and logs steps 5..8 again; each step stays in the logs once.
+    import shutil
+
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / str(2 * n))
+    s_c = train_and_evaluate(tiny_config(steps=2 * n), tmp_path / "split")
+    assert s_c["start_step"] == n
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    keys = [(r["split"], r["step"]) for r in map(json.loads, lines)]
+    assert len(keys) == len(set(keys)) and ("eval", 2 * n) in keys
+    split = train_records(tmp_path / "split")
+    assert [split[k]["loss"] for k in range(1, 2 * n + 1)] == [
+        full[k]["loss"] for k in range(1, 2 * n + 1)
+    ]
+
 
 def _setup(moe_updates=None, seed=0):
     c = tiny_config()

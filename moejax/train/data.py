@@ -12,11 +12,15 @@ file's relative path), so no validation file is ever seen in training. A single 
 token array) is split by position: the last `val_fraction` of it is validation.
 
 The pipeline cuts the token stream into non-overlapping windows of `seq_len + 1` tokens (inputs
-plus the next-token targets), keeps this process's share (`jax.process_index()::process_count()`),
-shuffles (reshuffled every epoch), repeats forever and batches. Its iterator state is a small
-JSON-able dict (`get_state`/`set_state`) that the checkpoint stores next to the model state.
+plus the next-token targets), shuffles ALL windows with the seed (reshuffled every epoch),
+repeats forever and batches into GLOBAL batches; each process then loads only its rows of each
+global batch (`process_rows`: the rows its devices hold under the batch sharding, in the order
+`jax.make_array_from_process_local_data` expects). So the global batch at step s is the same
+for any process count, and the iterator state (`get_state`/`set_state`, a small JSON-able dict
+the checkpoint stores: the index of the next global batch) is global: a run resumes on another
+process count with the same batches. Evaluation splits its fixed batches the same way.
 
-Shape legend: B batch (per process), L sequence length, N corpus tokens.
+Shape legend: B global batch, R rows this process loads, L sequence length, N corpus tokens.
 """
 
 from __future__ import annotations
@@ -236,6 +240,65 @@ def num_windows(tokens_N: np.ndarray, seq_len: int) -> int:
     return (len(tokens_N) - 1) // seq_len
 
 
+def _row_blocks(sharding: jax.sharding.Sharding) -> tuple[int, list[int]]:
+    """A batch cut by `sharding` into equal row blocks: (number of blocks, this process's blocks).
+
+    Rows replicated over some mesh axes (e.g. `tensor`) give fewer blocks than devices; a block
+    held by several of this process's devices is listed once, ascending, as
+    `make_array_from_process_local_data` concatenates them.
+    """
+    n = len(sharding.device_set)  # every block count of a mesh sharding divides it
+    starts = {d: idx[0].indices(n)[0] for d, idx in sharding.devices_indices_map((n, 1)).items()}
+    size = n // len(set(starts.values()))
+    mine = sorted({starts[d] // size for d in sharding.addressable_devices})
+    return n // size, mine
+
+
+def process_rows(sharding: jax.sharding.Sharding | None, batch_size: int) -> np.ndarray:
+    """Rows of a global [B, ...] batch this process loads under a batch sharding.
+
+    Args:
+      sharding: the batch's sharding (rows over the batch mesh axes); None = all rows.
+      batch_size: B.
+
+    Returns:
+      int array [R] of row indices, ascending.
+
+    Raises:
+      ValueError: B is not divisible by the number of row blocks.
+    """
+    if sharding is None:
+        return np.arange(batch_size)
+    blocks, mine = _row_blocks(sharding)
+    if batch_size % blocks:
+        raise ValueError(
+            f"train.batch_size={batch_size} is invalid: must be divisible by the {blocks} "
+            "batch shards of the mesh (data x fsdp x expert)"
+        )
+    per = batch_size // blocks
+    return np.concatenate([np.arange(b * per, (b + 1) * per) for b in mine])
+
+
+def global_batch(local_RxL: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """The global [B, ...] array from this process's rows (see `process_rows`)."""
+    blocks, mine = _row_blocks(sharding)
+    batch_size = local_RxL.shape[0] // len(mine) * blocks
+    return jax.make_array_from_process_local_data(
+        sharding, local_RxL, (batch_size, *local_RxL.shape[1:])
+    )
+
+
+class _LoadRows:
+    """Window ids of one global batch [B] -> this process's windows [R, L + 1]."""
+
+    def __init__(self, windows: _Windows, rows_R: np.ndarray):
+        self._windows = windows
+        self._rows_R = rows_R
+
+    def __call__(self, ids_B: np.ndarray) -> np.ndarray:
+        return np.stack([self._windows(i) for i in np.asarray(ids_B)[self._rows_R]])
+
+
 def make_dataset(
     tokens_N: np.ndarray,
     *,
@@ -245,71 +308,97 @@ def make_dataset(
     vocab_size: int,
     shuffle: bool = True,
     repeat: bool = True,
-    process_index: int | None = None,
-    process_count: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> grain.IterDataset:
-    """The grain pipeline over one split: windows -> process shard -> shuffle -> repeat -> batch.
+    """The grain pipeline over one split: windows -> shuffle -> repeat -> global batch -> rows.
 
     Args:
       tokens_N: the split's token stream.
       seq_len: L; each example is L + 1 tokens.
-      batch_size: GLOBAL batch size; each process yields batch_size // process_count rows.
+      batch_size: GLOBAL batch size B.
       seed: shuffle seed (each epoch is reshuffled, deterministically).
       vocab_size: token ids must be in [0, vocab_size).
       shuffle / repeat: False for evaluation (one deterministic pass).
-      process_index / process_count: default jax.process_index() / jax.process_count().
+      rows: the rows of each global batch to load (`process_rows`); None = all B.
 
     Returns:
-      A grain IterDataset of int32 arrays [B, L + 1].
+      A grain IterDataset of int32 arrays [R, L + 1]; its state counts global batches.
     """
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    if batch_size % pc:
-        raise ValueError(
-            f"train.batch_size={batch_size} is invalid: must be divisible by the process count {pc}"
-        )
-    local_batch = batch_size // pc
-    n = num_windows(tokens_N, seq_len)
-    ds = grain.MapDataset.range(n)[pi::pc]
-    if not repeat:
-        # One pass (evaluation): shrink the batch for a tiny split rather than yield nothing;
-        # the remainder is dropped so every batch has one shape (one compiled eval step).
-        local_batch = max(1, min(local_batch, len(ds)))
-    elif len(ds) < local_batch:
-        logging.warning("data: %d windows per process < batch %d", len(ds), local_batch)
+    rows_R = np.arange(batch_size) if rows is None else np.asarray(rows)
+    ds = grain.MapDataset.range(num_windows(tokens_N, seq_len))
+    if repeat and len(ds) < batch_size:
+        logging.warning("data: %d windows < global batch %d", len(ds), batch_size)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(_Windows(tokens_N, seq_len, vocab_size))
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(_LoadRows(_Windows(tokens_N, seq_len, vocab_size), rows_R))
     return ds.to_iter_dataset()
 
 
-def train_iterator(corpus: Corpus, *, seq_len: int, batch_size: int, seed: int):
-    """An infinite, shuffled iterator of training batches [B, L + 1] with get_state/set_state."""
+def train_iterator(
+    corpus: Corpus,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    sharding: jax.sharding.Sharding | None = None,
+):
+    """An infinite, shuffled iterator of this process's rows [R, L + 1] of each global batch.
+
+    Args:
+      corpus: the data.
+      seq_len: L.
+      batch_size: global batch size B.
+      seed: shuffle seed.
+      sharding: the batch sharding that picks this process's rows; None = all rows.
+
+    Returns:
+      A grain iterator with get_state/set_state (global: independent of the process count).
+    """
     ds = make_dataset(
         corpus.train_N,
         seq_len=seq_len,
         batch_size=batch_size,
         seed=seed,
         vocab_size=corpus.vocab_size,
+        rows=process_rows(sharding, batch_size),
     )
     return iter(ds)
 
 
 def eval_batches(
-    corpus: Corpus, *, seq_len: int, batch_size: int, max_batches: int | None
+    corpus: Corpus,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> Iterator[np.ndarray]:
-    """Fixed validation batches [B, L + 1]: the same windows, in order, every evaluation."""
+    """Fixed validation batches: the same windows, in order, every evaluation.
+
+    A split smaller than B shrinks the global batch (to a multiple of the batch shards) rather
+    than yield nothing; the remainder is dropped so every batch has one shape (one compiled
+    eval step). Each process yields its rows [R, L + 1] of every global batch.
+    """
+    n = num_windows(corpus.val_N, seq_len)
+    blocks = 1 if sharding is None else _row_blocks(sharding)[0]
+    size = min(batch_size, n) // blocks * blocks
+    if not size:
+        raise ValueError(
+            f"data: the validation split has {n} windows of train.seq_len + 1 tokens, fewer "
+            f"than the {blocks} batch shards of the mesh; use more validation data"
+        )
     ds = make_dataset(
         corpus.val_N,
         seq_len=seq_len,
-        batch_size=batch_size,
+        batch_size=size,
         seed=0,
         vocab_size=corpus.vocab_size,
         shuffle=False,
         repeat=False,
+        rows=process_rows(sharding, size),
     )
     for i, batch in enumerate(ds):
         if max_batches is not None and i >= max_batches:

@@ -3,7 +3,8 @@
 `<workdir>/metrics.jsonl` holds one record per logged step and split:
   {"split": "train" | "eval", "step": int, "<metric>": float, ..., "expert_load": [[...]]}
 (expert_load is [N, E]: per MoE layer, the fraction of routed assignments each expert got).
-A resumed run appends; the plots keep the last record per (split, step).
+A resumed run first drops the records past its restored step (they will be logged again), so
+metrics.jsonl and TensorBoard (a purge of the later steps) hold each step once.
 
 Only process 0 writes (every process computes the same replicated metrics).
 """
@@ -24,17 +25,28 @@ log = logging.getLogger(__name__)
 class MetricsWriter:
     """Appends metric records to metrics.jsonl and TensorBoard (tensorboardX) event files."""
 
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, *, start_step: int = 0):
+        """Opens the run's metric files, dropping what a resumed run will log again.
+
+        Args:
+          workdir: the run directory.
+          start_step: the step the run (re)starts from: records with a larger step, written
+            before an interruption that lost their checkpoint, are removed.
+        """
         self._active = jax.process_index() == 0
         self._path = Path(workdir) / "metrics.jsonl"
         self._file = None
         self._tb = None
         if self._active:
+            _truncate_records(self._path, start_step)
             self._file = open(self._path, "a")  # noqa: SIM115 - closed in close()
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+                # TensorBoard hides every earlier event with step >= purge_step.
+                self._tb = SummaryWriter(
+                    str(Path(workdir) / "tensorboard"), purge_step=start_step + 1
+                )
             except ImportError:
                 log.warning("tensorboardX not installed: no TensorBoard events")
 
@@ -74,6 +86,17 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _truncate_records(path: Path, start_step: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)  # atomic: an interruption leaves the old or the new file
 
 
 def read_metrics(workdir: str | Path) -> dict[str, list[dict[str, Any]]]:

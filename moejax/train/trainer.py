@@ -147,10 +147,10 @@ def _peak_flops(config: ml_collections.ConfigDict) -> float:
     return _PEAK_FLOPS.get(backend, 1e12) * jax.device_count()
 
 
-def _evaluate(eval_fn, state, batches, mesh, rules) -> dict[str, float]:
+def _evaluate(eval_fn, state, batches) -> dict[str, float]:
     sums: dict[str, float] = {}
     for batch in batches:
-        m = jax.device_get(eval_fn(state, sharding.global_batch(batch, mesh, rules)))
+        m = jax.device_get(eval_fn(state, batch))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     n = max(len(batches), 1)
@@ -213,14 +213,27 @@ def train_and_evaluate(
     state, setup = create_train_state(model_cfg, tx, mesh, rules, seq_len=t.seq_len, seed=t.seed)
     total_params, active_params = count_params(state.params, model_cfg)
 
+    # Each process loads its rows of every global batch; which rows follows the batch sharding,
+    # so the global batch (and the checkpointed data position) does not depend on the process
+    # count.
+    batch_sharding = sharding.batch_sharding(mesh, rules)
     train_it = data_lib.train_iterator(
-        corpus, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.data.seed
+        corpus,
+        seq_len=t.seq_len,
+        batch_size=t.batch_size,
+        seed=config.data.seed,
+        sharding=batch_sharding,
     )
-    eval_set = list(
-        data_lib.eval_batches(
-            corpus, seq_len=t.seq_len, batch_size=t.batch_size, max_batches=t.eval_batches
+    eval_set = [
+        data_lib.global_batch(b, batch_sharding)
+        for b in data_lib.eval_batches(
+            corpus,
+            seq_len=t.seq_len,
+            batch_size=t.batch_size,
+            max_batches=t.eval_batches,
+            sharding=batch_sharding,
         )
-    )
+    ]
     ckpt = Checkpointer(workdir / "checkpoints", every=t.checkpoint_every, keep=t.keep_checkpoints)
     config_json = config.to_json_best_effort()
     restored = ckpt.restore(abstract_state(setup.state_shardings, state))
@@ -236,7 +249,7 @@ def train_and_evaluate(
     flops_per_step = _flops_per_token(model_cfg, active_params, t.seq_len) * tokens_per_step
     peak = _peak_flops(config)
 
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start_step=start_step)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -249,7 +262,7 @@ def train_and_evaluate(
     try:
         with sharding.sharding_context(mesh, rules):
             for step in range(start_step + 1, t.steps + 1):
-                batch = sharding.global_batch(next(train_it), mesh, rules)
+                batch = data_lib.global_batch(next(train_it), batch_sharding)
                 state, metrics = step_fn(state, batch)
                 window_steps += 1
                 is_last = step == t.steps
@@ -285,7 +298,7 @@ def train_and_evaluate(
                             "(train.nonfinite='stop'); this step is not checkpointed"
                         )
                 if step % t.eval_every == 0 or is_last:
-                    ev = _evaluate(eval_fn, state, eval_set, mesh, rules)
+                    ev = _evaluate(eval_fn, state, eval_set)
                     writer.write("eval", step, ev)
                     eval_losses.append((step, ev["ce_loss"]))
                     window_t = time.time()  # evaluation time is not training throughput
@@ -293,7 +306,7 @@ def train_and_evaluate(
                 if bar is not None:
                     bar.update(1)
             if start_step >= t.steps and not eval_losses:
-                ev = _evaluate(eval_fn, state, eval_set, mesh, rules)
+                ev = _evaluate(eval_fn, state, eval_set)
                 eval_losses.append((start_step, ev["ce_loss"]))
             ckpt.wait()
             sample = _sample(setup, state, config)
