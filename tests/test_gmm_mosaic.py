@@ -2,8 +2,9 @@
 
 Checks the three products (gmm, gmm with transposed rhs, tgmm) against `jax.lax.ragged_dot` and a
 float64 numpy reference, the gradients through `moejax.pallas.gmm(..., backend="mosaic")`, the
-absence of races (interpreter race detector), the step schedule's invariants, and that every
-tuned tiling lowers for the real TPU target (`lower(lowering_platforms=("tpu",))`, no device).
+absence of races (interpreter race detector), what the step schedule adds to the shared work
+list (whose coverage tests/test_gmm_metadata.py checks), and that every tuned tiling lowers for
+the real TPU target (`lower(lowering_platforms=("tpu",))`, no device).
 
 Legend: M rows, K contraction width, N output width, G groups.
 """
@@ -20,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import moejax.pallas
-from moejax.pallas import mosaic_gmm
+from moejax.pallas import metadata, mosaic_gmm
 from moejax.pallas.mosaic_gmm import MosaicConfig, gmm_mosaic, tgmm_mosaic
 
 # Relative/absolute tolerances per input dtype: f32 differs from the oracle only by summation
@@ -249,51 +250,34 @@ def test_race_detector_is_live():
 
 @pytest.mark.parametrize("zero_tail,visit_empty", [(True, False), (False, True)])
 def test_schedule_invariants(zero_tail, visit_empty):
-    """The step list visits each (group, row tile) pair once, in row order, within the bound."""
-    tm, m = 16, 150
-    m_pad = 160
+    """Mosaic's steps are the shared work list (tests/test_gmm_metadata.py checks its coverage
+    and bound) over the padded rows; on top, only real non-empty groups compute, and steps that
+    do not compute repeat the previous step's input blocks (no DMA)."""
+    tm, m_pad = 16, 160
     rng = np.random.default_rng(5)
     g = 5
-    make = jax.jit(
-        functools.partial(
-            mosaic_gmm._make_schedule,
-            m=m,
-            m_pad=m_pad,
-            tm=tm,
-            zero_tail=zero_tail,
-            visit_empty=visit_empty,
-        )
+    flags = dict(zero_tail=zero_tail, visit_empty=visit_empty)
+    make = jax.jit(lambda sizes: mosaic_gmm._make_schedule(sizes, m_pad=m_pad, tm=tm, **flags))
+    shared = jax.jit(
+        lambda sizes: metadata.make_group_metadata(sizes, num_rows=m_pad, tile=tm, **flags)
     )
-    max_steps = m_pad // tm + g + (1 if zero_tail else 0) - 1
     for _ in range(30):
-        total = int(rng.integers(0, m + 1))
+        total = int(rng.integers(0, 150 + 1))
         cuts = np.sort(rng.integers(0, total + 1, size=g - 1))
         sizes = np.diff(np.concatenate([[0], cuts, [total]])).astype(np.int32)
-        sched, steps = make(jnp.asarray(sizes))
-        # Expected visits, from first principles.
-        ends = np.cumsum(sizes)
-        if zero_tail:
-            ends = np.append(ends, m_pad)
-        starts = np.concatenate([[0], ends[:-1]])
-        want = []
-        for j, (s, e) in enumerate(zip(starts, ends, strict=True)):
-            if e > s:
-                want += [(j, t, j < g) for t in range(s // tm, (e - 1) // tm + 1)]
-            elif visit_empty:
-                want.append((j, None, False))
+        sched, meta = make(jnp.asarray(sizes)), shared(jnp.asarray(sizes))
+        np.testing.assert_array_equal(sched.step_group_T, meta.item_group_W)
+        np.testing.assert_array_equal(sched.step_tile_T, meta.item_tile_W)
+        np.testing.assert_array_equal(sched.group_offsets, meta.group_offsets)
         num = int(sched.num_steps[0])
-        assert num == len(want) <= steps == max_steps
+        assert num == int(meta.num_items) >= 1
         groups, tiles = np.asarray(sched.step_group_T), np.asarray(sched.step_tile_T)
         compute = np.asarray(sched.compute_T)
-        for t, (j, tile, comp) in enumerate(want):
-            assert groups[t] == j and compute[t] == comp
-            if tile is not None:
-                assert tiles[t] == tile
-        # Idle steps replay the last real step and never compute.
-        assert np.all(groups[num:] == groups[num - 1]) and np.all(tiles[num:] == tiles[num - 1])
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        want_compute = [j < g and ends[j] > starts[j] for j in groups[:num]]
+        np.testing.assert_array_equal(compute[:num], want_compute)
         assert not compute[num:].any()
-        assert np.all(np.diff(tiles[:num][compute[:num] == 1]) >= 0)
-        np.testing.assert_array_equal(np.asarray(sched.group_offsets)[1:], ends)
         # Computing steps fetch their own blocks; the others repeat the previous step's blocks
         # (no DMA), and the weight block index is always a real group.
         fetch_tile, fetch_group = np.asarray(sched.fetch_tile_T), np.asarray(sched.fetch_group_T)
@@ -399,12 +383,14 @@ def test_bad_arguments_raise_value_error():
     with pytest.raises(ValueError, match="tm=8 must be a multiple of 16"):
         gmm_mosaic(lhs, rhs, sizes, config=MosaicConfig(tm=8), interpret=True)
     with pytest.raises(ValueError, match="lhs must be float32 or bfloat16"):
-        gmm_mosaic(lhs.astype(jnp.float16), rhs, sizes, interpret=True)
+        gmm_mosaic(lhs.astype(jnp.float16), rhs.astype(jnp.float16), sizes, interpret=True)
+    with pytest.raises(ValueError, match="lhs.dtype=float32 and rhs.dtype=bfloat16 must match"):
+        gmm_mosaic(lhs.astype(jnp.float32), rhs, sizes, interpret=True)
     with pytest.raises(ValueError, match="disagree on K"):
         gmm_mosaic(lhs, jnp.zeros((2, 128, 256), jnp.bfloat16), sizes, transpose_rhs=True)
-    with pytest.raises(ValueError, match="num_groups=3"):
+    with pytest.raises(ValueError, match=r"num_groups=3 must equal group_sizes.shape\[0\]=2"):
         tgmm_mosaic(lhs, lhs, sizes, num_groups=3, interpret=True)
-    with pytest.raises(ValueError, match="config must be a MosaicConfig"):
+    with pytest.raises(ValueError, match="config for the mosaic backend must be a MosaicConfig"):
         gmm_mosaic(lhs, rhs, sizes, config=128, interpret=True)
     with pytest.raises(ValueError, match="interpret must be"):
         gmm_mosaic(lhs, rhs, sizes, interpret="yes")

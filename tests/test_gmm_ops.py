@@ -24,6 +24,7 @@ from gmm_reference import (
 
 import moejax.pallas
 from moejax.pallas import gmm, ops, tgmm
+from moejax.pallas.xla_gmm import XlaConfig
 
 BACKENDS = ["xla", "ragged_dot"]
 if importlib.util.find_spec("moejax.pallas.mosaic_gmm") is not None:
@@ -31,7 +32,7 @@ if importlib.util.find_spec("moejax.pallas.mosaic_gmm") is not None:
 
 # A small row tile for the XLA path so that the test shapes span several tiles; the other
 # backends use their default tiling (shrunk to the problem).
-SMALL_CONFIG = {"xla": 16}
+SMALL_CONFIG = {"xla": XlaConfig(tile_m=16)}
 
 
 def _kw(backend):
@@ -202,3 +203,72 @@ def test_no_rows_and_no_contraction(backend):
     assert d_rhs.shape == (2, 16, 8) and not np.asarray(d_rhs).any()
     out = gmm(jnp.ones((5, 0), F32), jnp.ones((2, 0, 8), F32), jnp.array([2, 3], jnp.int32), **kw)
     assert out.shape == (5, 8) and not np.asarray(out).any()
+
+
+def _wrong_configs():
+    from moejax.pallas.mosaic_gmm import MosaicConfig
+    from moejax.pallas.triton_gmm import TritonConfig
+
+    return [
+        ("xla", TritonConfig(), r"config for the xla backend must be a XlaConfig or None"),
+        ("xla", 16, r"config for the xla backend must be a XlaConfig or None, got 16 \(int\)"),
+        ("triton", XlaConfig(), r"config for the triton backend must be a TritonConfig"),
+        ("mosaic", TritonConfig(), r"config for the mosaic backend must be a MosaicConfig"),
+        ("ragged_dot", MosaicConfig(), r"the ragged_dot backend takes no config"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_wrong_config_type_names_backend_and_type(case):
+    backend, config, match = _wrong_configs()[case]
+    lhs, rhs, grad = random_inputs(16, 16, 16, 2, jnp.float32)
+    gs = jnp.array([8, 8], jnp.int32)
+    kw = dict(backend=backend, config=config, interpret=True)
+    with pytest.raises(ValueError, match=match):
+        gmm(lhs, rhs, gs, **kw)
+    with pytest.raises(ValueError, match=match):
+        tgmm(lhs, grad, gs, **kw)
+
+
+def test_backend_table_rows():
+    """One row per backend; every backend's kernels take the same arguments and its tuned
+    table holds configs of its own config type."""
+    import inspect
+
+    table = moejax.pallas.backends.BACKEND_TABLE
+    assert moejax.pallas.BACKENDS == ("auto", *table)
+    for name, row in table.items():
+        assert row.name == name
+        kernels = row.kernels()
+        gmm_args = inspect.signature(kernels.gmm).parameters
+        tgmm_args = inspect.signature(kernels.tgmm).parameters
+        assert list(gmm_args)[:3] == ["lhs", "rhs", "group_sizes"], name
+        assert list(tgmm_args)[:3] == ["lhs", "grad", "group_sizes"], name
+        common = {"preferred_element_type", "config", "interpret"}
+        assert common | {"transpose_rhs"} <= set(gmm_args), name
+        assert common | {"num_groups"} <= set(tgmm_args), name
+        for config in (kernels.tuned_configs or {}).values():
+            assert isinstance(config, kernels.config_type), name
+
+
+@pytest.mark.parametrize(
+    "platform,want",
+    [("cpu", "xla"), ("gpu", "triton"), ("cuda", "triton"), ("tpu", "mosaic")] + [("metal", "xla")],
+)
+def test_auto_is_resolved_from_the_table(monkeypatch, platform, want):
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    assert moejax.pallas.resolve_backend("auto") == want
+
+
+def test_backend_modules_are_imported_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jax.numpy as jnp, moejax.pallas as p\n"
+        "p.gmm(jnp.ones((4, 8)), jnp.ones((2, 8, 8)), jnp.array([2, 2]), backend='xla')\n"
+        "print(sorted(m for m in ('moejax.pallas.triton_gmm', 'moejax.pallas.mosaic_gmm',\n"
+        "    'moejax.pallas.ragged_gmm') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -22,7 +22,7 @@ from jax._src.interpreters import mlir
 from jax._src.lib import triton
 from jax._src.lib.mlir import ir
 
-from moejax.pallas import gmm, tgmm
+from moejax.pallas import gmm, metadata, tgmm
 from moejax.pallas import triton_gmm as tg
 
 # Small blocks so that the small test shapes still span several tiles in every dimension, with
@@ -123,21 +123,24 @@ def test_traced_group_sizes_under_jit():
     [([9, 0, 23, 0, 17], 61, 16), ([0, 0, 40, 0], 40, 16), ([1, 1, 1, 1], 64, 32), ([0], 5, 16)],
 )
 def test_work_list_covers_every_row_once(sizes, m, bm):
-    meta = tg.make_group_metadata(jnp.asarray(sizes, jnp.int32), m, bm, num_k_steps=3)
-    work = np.asarray(meta.work_W5)
-    assert work.shape[1] == tg.num_work_items(m, len(sizes), bm)
-    assert int(meta.num_work) <= work.shape[1]
+    # The kernel's packing of the shared metadata: row ranges, K steps only for real groups.
+    work = np.asarray(tg.work_list(jnp.asarray(sizes, jnp.int32), m, bm, num_k_steps=3))
+    assert work.shape == (5, metadata.num_work_items(m, len(sizes) + 1, bm))
+    assert work.shape[1] == -(-m // bm) + len(sizes)
     written = np.zeros(m, int)
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     for group, tile, start, end, k_steps in work.T:
         rows = np.arange(tile * bm, tile * bm + bm)
         rows = rows[(rows >= start) & (rows < end)]
         written[rows] += 1
+        assert 0 <= group < len(sizes)
         if len(rows):
             if start >= bounds[-1]:  # the tail: zeros, no K steps
                 assert k_steps == 0
             else:
                 assert k_steps == 3 and start == bounds[group] and end == bounds[group + 1]
+        else:  # idle items: empty row range, nothing to run
+            assert start == end == 0 and k_steps == 0
     np.testing.assert_array_equal(written, 1)
 
 
@@ -231,7 +234,7 @@ def test_config_validation(field, value):
 
 def test_wrong_config_type_rejected():
     lhs, rhs, _ = random_inputs(16, 16, 16, 2, jnp.float32)
-    with pytest.raises(ValueError, match="TritonConfig"):
+    with pytest.raises(ValueError, match="config for the triton backend must be a TritonConfig"):
         gmm(lhs, rhs, jnp.array([8, 8], jnp.int32), backend="triton", config=128, interpret=True)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import moejax.pallas
 from moejax.pallas import xla_gmm
+from moejax.pallas.xla_gmm import XlaConfig
 
 
 def _random_sizes(rng, m, g, *, slack, zeros):
@@ -51,7 +52,9 @@ def test_gmm_matches_ragged_dot(m, k, n, g, tile_m, slack, zeros, transpose_rhs)
     ref = jax.lax.ragged_dot(lhs, rhs, group_sizes)
     rhs_in = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     fn = jax.jit(
-        lambda a, b, s: xla_gmm.gmm_xla(a, b, s, transpose_rhs=transpose_rhs, tile_m=tile_m)
+        lambda a, b, s: xla_gmm.gmm_xla(
+            a, b, s, transpose_rhs=transpose_rhs, config=XlaConfig(tile_m)
+        )
     )
     out = fn(lhs, rhs_in, group_sizes)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
@@ -64,7 +67,7 @@ def test_tgmm_matches_numpy(m, k, n, g, tile_m, slack, zeros):
     sizes = _random_sizes(rng, m, g, slack=slack, zeros=zeros)
     lhs = rng.normal(size=(m, k)).astype(np.float32)
     grad = rng.normal(size=(m, n)).astype(np.float32)
-    out = jax.jit(lambda a, b, s: xla_gmm.tgmm_xla(a, b, s, tile_m=tile_m))(
+    out = jax.jit(lambda a, b, s: xla_gmm.tgmm_xla(a, b, s, config=XlaConfig(tile_m)))(
         lhs, grad, jnp.asarray(sizes, jnp.int32)
     )
     ref = _np_tgmm(lhs, grad, sizes)
@@ -79,14 +82,16 @@ def test_bf16_inputs_accumulate_in_f32():
     lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     rhs = jnp.asarray(rng.normal(size=(g, k, n)), jnp.bfloat16)
     s = jnp.asarray(sizes, jnp.int32)
-    out = xla_gmm.gmm_xla(lhs, rhs, s, preferred_element_type=jnp.float32, tile_m=16)
+    out = xla_gmm.gmm_xla(lhs, rhs, s, preferred_element_type=jnp.float32, config=XlaConfig(16))
     ref = jax.lax.ragged_dot(lhs, rhs, s, preferred_element_type=jnp.float32)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
-    out_bf16 = xla_gmm.gmm_xla(lhs, rhs, s, tile_m=16)
+    out_bf16 = xla_gmm.gmm_xla(lhs, rhs, s, config=XlaConfig(16))
     assert out_bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(out_bf16.astype(jnp.float32), ref, rtol=2e-2, atol=5e-2)
-    t = xla_gmm.tgmm_xla(lhs, lhs[:, :n], s, preferred_element_type=jnp.float32, tile_m=16)
+    t = xla_gmm.tgmm_xla(
+        lhs, lhs[:, :n], s, preferred_element_type=jnp.float32, config=XlaConfig(16)
+    )
     t_ref = _np_tgmm(np.asarray(lhs, np.float32), np.asarray(lhs[:, :n], np.float32), sizes)
     np.testing.assert_allclose(t, t_ref, rtol=1e-4, atol=1e-3)
 
@@ -253,3 +258,9 @@ def test_expert_mlp_padded_rejects_gate_mismatch():
             jnp.ones((8, 4)), None, w, jnp.ones((2, 6, 4)), layout.tile_group_Tp,
             layout.num_used_tiles, act=jax.nn.relu, gated=True, tile_m=2,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("tile_m", [0, -4, 2.0, True])
+def test_xla_config_rejects_bad_tiles(tile_m):
+    with pytest.raises(ValueError, match=r"XlaConfig.tile_m must be a positive int"):
+        XlaConfig(tile_m)

@@ -1,8 +1,9 @@
 """moejax.pallas: grouped matmul ops (gmm, tgmm) with XLA, Triton and Mosaic backends, and the
 fused expert MLP on the tile-padded layout (the XLA/CPU path of the dropless MoE layer)."""
 
+from moejax.pallas.backends import BACKENDS, resolve_backend
 from moejax.pallas.expert_mlp import expert_mlp_padded
-from moejax.pallas.ops import BACKENDS, gmm, resolve_backend, tgmm
+from moejax.pallas.ops import gmm, tgmm
 from moejax.pallas.xla_gmm import PaddedLayout, effective_tile, num_padded_tiles, padded_layout
 
 __all__ = [

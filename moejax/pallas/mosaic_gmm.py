@@ -10,7 +10,8 @@ Three products, all with `jax.lax.ragged_dot` semantics (rows are grouped consec
 How the kernels walk the rows. The rows are cut into row tiles of `tm` rows. A group covers a
 run of consecutive row tiles; a tile that straddles a group boundary is visited once per group
 that has rows in it, and those visits are consecutive (groups are sorted by row). The list of
-visits ("steps") is computed in XLA (`_make_schedule`) and handed to the kernel by scalar
+visits ("steps") is the work list shared by every backend (`moejax.pallas.metadata`), computed
+in XLA; `_make_schedule` adds which blocks each step fetches, and the kernel reads it by scalar
 prefetch (SMEM): for step t, which group it works for and which row tile it reads or writes.
 The number of steps depends on the group sizes, so the grid has a static upper bound of steps
 and the steps past the real count do nothing and keep the previous step's block indices (no DMA).
@@ -47,6 +48,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from moejax.pallas.backends import GmmKernels
+from moejax.pallas.metadata import make_group_metadata
+from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
 _LANES = 128  # minor-dimension tile of every TPU vector register
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -109,11 +114,6 @@ TUNED_CONFIGS: dict[tuple[str, str, str], MosaicConfig] = {
 def shape_class(k: int, n: int) -> str:
     """Shape class of a product with contraction width K and output width N (table key)."""
     return "large" if min(k, n) >= 1024 else "small"
-
-
-def _check_config(config: Any) -> None:
-    if config is not None and not isinstance(config, MosaicConfig):
-        raise ValueError(f"config must be a MosaicConfig or None, got {config!r}")
 
 
 def lookup_config(product: str, dtype: Any, k: int, n: int) -> MosaicConfig:
@@ -238,84 +238,53 @@ class _Schedule(NamedTuple):
 
 
 def _make_schedule(
-    group_sizes_G: jax.Array, *, m: int, m_pad: int, tm: int, zero_tail: bool, visit_empty: bool
-) -> tuple[_Schedule, int]:
-    """Step list for the row axis of the grid.
+    group_sizes_G: jax.Array, *, m_pad: int, tm: int, zero_tail: bool, visit_empty: bool
+) -> _Schedule:
+    """Step list for the row axis of the grid: the shared work list plus what Mosaic adds.
 
     Args:
-      group_sizes_G: [G] int32 rows per group (consecutive; sum <= m).
-      m: real rows M; m_pad: rows after padding to a multiple of tm.
+      group_sizes_G: [G] int32 rows per group (consecutive; sum <= M).
+      m_pad: rows after padding M to a multiple of tm; the steps cover all of them.
+      tm: row tile.
       zero_tail: append the virtual group of rows [sum(group_sizes), m_pad) whose steps store
-        zeros (gmm: makes every output row written exactly once).
+        zeros (gmm: makes every output row, padding included, written exactly once).
       visit_empty: give each empty group one step (tgmm: the step stores its zero result).
 
     Returns:
-      (schedule, T) with T the static number of grid steps along the rows.
+      The schedule; its T = len(step_group_T) is the static number of grid steps along the rows,
+      `metadata.num_work_items(m_pad, Gs, tm)`.
     """
     num_groups = group_sizes_G.shape[0]
-    tiles_m = m_pad // tm
-    # Defensive clamps (ops.py validates concrete sizes): negative sizes count as empty, and
-    # rows past m do not exist, so no step can address a row tile outside the operand.
-    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes_G, 0)), m).astype(jnp.int32)
-    if zero_tail:
-        ends = jnp.concatenate([ends, jnp.full((1,), m_pad, jnp.int32)])
-    num_sched_groups = ends.shape[0]
-    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
-    sizes = ends - starts
-    group_offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends])
-
-    # (1) Row tiles touched by each group. A non-empty group of rows [start, end) touches tiles
-    #     start // tm .. (end - 1) // tm inclusive; two neighbouring groups share a tile exactly
-    #     when the boundary between them is not a multiple of tm.
-    first_tile = jnp.minimum(starts // tm, tiles_m - 1)
-    last_tile = (ends - 1) // tm
-    nonempty = sizes > 0
-    tiles_per_group = jnp.where(nonempty, last_tile - first_tile + 1, 1 if visit_empty else 0)
-
-    # (2) Static bound on the step count. Summing tiles over the non-empty groups counts each
-    #     of the tiles_m tiles once, plus once more per shared boundary (at most one per
-    #     non-empty group after the first): <= tiles_m + Gs - 1. With visit_empty, every empty
-    #     group adds one step but also removes one non-empty group from that count, so the bound
-    #     still holds (tiles_m >= 1 covers the case of no non-empty group).
-    max_steps = tiles_m + num_sched_groups - 1
-
-    # (3) Step ranges per group: group j owns steps [step_starts[j], step_ends[j]).
-    step_ends = jnp.cumsum(tiles_per_group).astype(jnp.int32)
-    step_starts = step_ends - tiles_per_group
-    num_steps = step_ends[-1]
-
-    # (4) For each grid step t, its group and row tile. Idle steps (t >= num_steps) replay the
-    #     last real step so that all their block indices, and hence the resident output block,
-    #     stay the same. searchsorted(side="right") finds the first group whose step range ends
-    #     after t, skipping groups with no steps. Within group j, step t is its
-    #     (t - step_starts[j])-th tile counted from first_tile[j].
-    step = jnp.minimum(jnp.arange(max_steps, dtype=jnp.int32), num_steps - 1)
-    step_group = jnp.searchsorted(step_ends, step, side="right").astype(jnp.int32)
-    step_tile = first_tile[step_group] + step - step_starts[step_group]
+    # (1)-(4) The (group, row tile) steps, in row order, idle steps repeating the last real one
+    #     so that all their block indices, and hence the resident output block, stay the same.
+    meta = make_group_metadata(
+        group_sizes_G, num_rows=m_pad, tile=tm, zero_tail=zero_tail, visit_empty=visit_empty
+    )
+    step_group, step_tile = meta.item_group_W, meta.item_tile_W
+    t_T = jnp.arange(step_group.shape[0])
 
     # (5) Steps that multiply: real (not tail) groups with rows, and not idle.
     is_real = step_group < num_groups
-    compute = is_real & nonempty[step_group] & (jnp.arange(max_steps) < num_steps)
+    compute = is_real & (meta.num_tiles_R[step_group] > 0) & (t_T < meta.num_items)
 
     # (6) Input blocks for steps that do not multiply: reuse the blocks of the last computing
     #     step before them (a running max over the indices of computing steps), so the pipeline
     #     sees unchanged block indices and skips the copy. Before any computing step, block 0.
-    last_compute = lax.cummax(jnp.where(compute, jnp.arange(max_steps), -1), axis=0)
+    last_compute = lax.cummax(jnp.where(compute, t_T, -1), axis=0)
     has_prev = last_compute >= 0
     prev = jnp.maximum(last_compute, 0)
     fetch_tile = jnp.where(has_prev, step_tile[prev], 0)
     fetch_group = jnp.where(has_prev, step_group[prev], 0)
 
-    schedule = _Schedule(
-        group_offsets=group_offsets,
+    return _Schedule(
+        group_offsets=meta.group_offsets,
         step_group_T=step_group,
-        step_tile_T=step_tile.astype(jnp.int32),
+        step_tile_T=step_tile,
         fetch_tile_T=fetch_tile.astype(jnp.int32),
         fetch_group_T=jnp.minimum(fetch_group, num_groups - 1).astype(jnp.int32),
         compute_T=compute.astype(jnp.int32),
-        num_steps=num_steps[None],
+        num_steps=meta.num_items[None],
     )
-    return schedule, max_steps
 
 
 def _row_mask(shape: tuple[int, int], tile: jax.Array, tm: int, start, end) -> jax.Array:
@@ -348,10 +317,10 @@ def gmm_mosaic(
 
     Args:
       lhs: [M, K] float32 or bfloat16, rows grouped consecutively.
-      rhs: [G, K, N], or [G, N, K] when `transpose_rhs`, same dtype family as lhs.
-      group_sizes: [G] int32, sum <= M (validated by `moejax.pallas.gmm`).
+      rhs: [G, K, N], or [G, N, K] when `transpose_rhs`, same dtype as lhs.
+      group_sizes: [G] int32, sum <= M (checked on the host by `moejax.pallas.gmm`).
       transpose_rhs: multiply by rhs[g].T (the d_lhs product of the forward gmm).
-      preferred_element_type: result dtype; None = the promoted input dtype.
+      preferred_element_type: result dtype (float32 or bfloat16); None = the input dtype.
       config: tiles; None = `TUNED_CONFIGS` entry for this product, dtype and shape class.
       interpret: True runs the Pallas TPU interpreter on the host; a `pltpu.InterpretParams`
         selects its options (race detection, ...).
@@ -359,29 +328,15 @@ def gmm_mosaic(
     Returns:
       [M, N] in `preferred_element_type`.
     """
-    if lhs.ndim != 2 or rhs.ndim != 3:
-        raise ValueError(
-            f"lhs must be [M, K] and rhs [G, K, N] (or [G, N, K]); got lhs {lhs.shape}, "
-            f"rhs {rhs.shape}"
-        )
-    m, k = lhs.shape
-    num_groups = rhs.shape[0]
-    n, rhs_k = (rhs.shape[1], rhs.shape[2]) if transpose_rhs else (rhs.shape[2], rhs.shape[1])
-    if rhs_k != k:
-        raise ValueError(
-            f"lhs [M, K]={lhs.shape} and rhs={rhs.shape} disagree on K "
-            f"(transpose_rhs={transpose_rhs})"
-        )
-    if group_sizes.shape != (num_groups,):
-        raise ValueError(f"group_sizes must have shape [G]=[{num_groups}], got {group_sizes.shape}")
+    check_config("mosaic", config, MosaicConfig)
+    problem = check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type)
+    m, k, n, num_groups, out_dtype = problem
     _check_dtype("lhs", lhs.dtype)
     _check_dtype("rhs", rhs.dtype)
-    in_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
-    out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     _check_dtype("preferred_element_type", out_dtype)
+    in_dtype = lhs.dtype
     interpret = _resolve_interpret(interpret)
-    _check_config(config)
-    if m == 0 or n == 0 or k == 0 or num_groups == 0:
+    if problem.is_empty:
         return jnp.zeros((m, n), out_dtype)
 
     product = "gmm_t" if transpose_rhs else "gmm"
@@ -392,9 +347,10 @@ def gmm_mosaic(
     rhs_p = _pad2(rhs.astype(in_dtype), *((n_pad, k_pad) if transpose_rhs else (k_pad, n_pad)))
     tiles_k, tiles_n = k_pad // tk, n_pad // tn
 
-    schedule, num_row_steps = _make_schedule(
-        group_sizes.astype(jnp.int32), m=m, m_pad=m_pad, tm=tm, zero_tail=True, visit_empty=False
+    schedule = _make_schedule(
+        group_sizes.astype(jnp.int32), m_pad=m_pad, tm=tm, zero_tail=True, visit_empty=False
     )
+    num_row_steps = schedule.step_group_T.shape[0]
     precision = _precision(in_dtype)
 
     # Grid (n tile, row step, k tile): k innermost so each output block is finished in VMEM
@@ -503,33 +459,22 @@ def tgmm_mosaic(
       grad: [M, N], same row grouping; rows past sum(group_sizes) are ignored.
       group_sizes: [G] int32, sum <= M.
       num_groups: G; None = group_sizes.shape[0] (must equal it when given).
-      preferred_element_type: result dtype; None = the promoted input dtype.
+      preferred_element_type: result dtype (float32 or bfloat16); None = the input dtype.
       config: tiles (tm over rows, tk over K, tn over N); None = `TUNED_CONFIGS`.
       interpret: as for `gmm_mosaic`.
 
     Returns:
       [G, K, N] in `preferred_element_type`.
     """
-    if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
-        raise ValueError(f"lhs must be [M, K] and grad [M, N]; got {lhs.shape}, {grad.shape}")
-    if group_sizes.ndim != 1:
-        raise ValueError(f"group_sizes must have shape [G], got {group_sizes.shape}")
-    if num_groups is None:
-        num_groups = group_sizes.shape[0]
-    if num_groups != group_sizes.shape[0]:
-        raise ValueError(
-            f"num_groups={num_groups} must equal group_sizes.shape[0]={group_sizes.shape[0]}"
-        )
-    m, k = lhs.shape
-    n = grad.shape[1]
+    check_config("mosaic", config, MosaicConfig)
+    problem = check_tgmm_args(lhs, grad, group_sizes, num_groups, preferred_element_type)
+    m, k, n, num_groups, out_dtype = problem
     _check_dtype("lhs", lhs.dtype)
     _check_dtype("grad", grad.dtype)
-    in_dtype = jnp.promote_types(lhs.dtype, grad.dtype)
-    out_dtype = jnp.dtype(preferred_element_type or in_dtype)
     _check_dtype("preferred_element_type", out_dtype)
+    in_dtype = lhs.dtype
     interpret = _resolve_interpret(interpret)
-    _check_config(config)
-    if m == 0 or n == 0 or k == 0 or num_groups == 0:
+    if problem.is_empty:
         return jnp.zeros((num_groups, k, n), out_dtype)
 
     config = config or lookup_config("tgmm", in_dtype, k, n)
@@ -539,9 +484,10 @@ def tgmm_mosaic(
     grad_p = _pad2(grad.astype(in_dtype), m_pad, n_pad)
     tiles_k, tiles_n = k_pad // tk, n_pad // tn
 
-    schedule, num_row_steps = _make_schedule(
-        group_sizes.astype(jnp.int32), m=m, m_pad=m_pad, tm=tm, zero_tail=False, visit_empty=True
+    schedule = _make_schedule(
+        group_sizes.astype(jnp.int32), m_pad=m_pad, tm=tm, zero_tail=False, visit_empty=True
     )
+    num_row_steps = schedule.step_group_T.shape[0]
     precision = _precision(in_dtype)
 
     # Grid (n tile, k tile, row step): the row steps are the contraction and run innermost; the
@@ -635,3 +581,8 @@ def tgmm_mosaic(
     )
     out_GxKpxNp = call(*schedule, lhs_p, grad_p)
     return out_GxKpxNp[:, :k, :n]
+
+
+GMM_KERNELS = GmmKernels(
+    gmm=gmm_mosaic, tgmm=tgmm_mosaic, config_type=MosaicConfig, tuned_configs=TUNED_CONFIGS
+)

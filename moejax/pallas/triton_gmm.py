@@ -8,16 +8,17 @@ Three products, each one `pl.pallas_call`:
 gmm schedule. Triton needs a static grid, but which row tiles each group touches depends on
 `group_sizes`, a device array. So XLA computes, without a host sync, a list of "work items"
 (row tile, group) - one per pair where the group has rows in the tile - and the grid runs over a
-static upper bound of that list (see `make_group_metadata`). Rows past sum(group_sizes) form one
-more pseudo-group, the tail, whose work items write zeros (ragged_dot semantics). A tile shared
+static upper bound of that list (the shared `moejax.pallas.metadata.make_group_metadata`, here
+with zero_tail; `work_list` packs it for the kernel). Rows past sum(group_sizes) form one more
+pseudo-group, the tail, whose work items write zeros (ragged_dot semantics). A tile shared
 by two groups is visited once per group; each visit stores only its own group's rows (row mask),
 so every output row is written exactly once and programs never race. Unused work items have an
 empty row range and zero K steps: they load and store nothing.
 
 tgmm schedule. The output [G, K, N] has a static shape, so the grid is (K tiles, N tiles, G);
-each program loops over the row tiles of its group (a dynamic trip count read from the group
-metadata) and accumulates lhs_tile.T @ grad_tile under the group's row mask. An empty group runs
-zero iterations and stores zeros.
+each program loops over the row tiles of its group (a dynamic trip count: the group's tile
+range from the same shared metadata) and accumulates lhs_tile.T @ grad_tile under the group's
+row mask. An empty group runs zero iterations and stores zeros.
 
 Both accumulate in float32 and cast to `preferred_element_type` when storing. Partial tiles at
 the edges of M, K and N are handled with load/store masks (loads fill zeros), so no operand is
@@ -32,12 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from moejax.pallas.backends import GmmKernels
+from moejax.pallas.metadata import make_group_metadata
+from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
 # Shared memory per SM usable by one block on the GPUs this table targets (H100/H200: 227 KiB).
 # `TritonConfig.shared_memory_bytes` must stay under it, or Triton fails at compile time.
@@ -165,33 +169,8 @@ def default_config(
     )
 
 
-class GroupMetadata(NamedTuple):
-    """Work list of the gmm kernel, computed in XLA from group_sizes.
-
-    Attributes:
-      work_W5: [5, W] int32; per work item: rhs group (clamped to [0, G)), row tile, first row,
-        end row (exclusive) of the group inside the whole array, and the number of K steps to
-        run (0 for the tail pseudo-group and for unused items, which then store zeros / nothing).
-      num_work: scalar int32, the number of used work items.
-    """
-
-    work_W5: jax.Array
-    num_work: jax.Array
-
-
-def num_work_items(num_rows: int, num_groups: int, block_m: int) -> int:
-    """Static upper bound on (row tile, group) pairs, counting the tail as group G.
-
-    The G + 1 row ranges partition [0, M); ceil(M / bm) tiles, and each of the at most G
-    boundaries between consecutive non-empty ranges that falls inside a tile adds one visit.
-    """
-    return pl.cdiv(num_rows, block_m) + num_groups
-
-
-def make_group_metadata(
-    group_sizes: jax.Array, num_rows: int, block_m: int, num_k_steps: int
-) -> GroupMetadata:
-    """(row tile, group) work items for the gmm kernel, on device (no host sync).
+def work_list(group_sizes: jax.Array, num_rows: int, block_m: int, num_k_steps: int) -> jax.Array:
+    """The gmm kernel's work items, from the shared (group, row tile) metadata, on device.
 
     Args:
       group_sizes: [G] int32, sum <= num_rows.
@@ -200,35 +179,22 @@ def make_group_metadata(
       num_k_steps: ceil(K / bk), the K steps of a real group's work item.
 
     Returns:
-      GroupMetadata with W = num_work_items(M, G, bm).
+      work_W5: [5, W] int32 with W = `metadata.num_work_items(M, G + 1, bm)` (the tail counts as
+      group G); per work item: rhs group (clamped to [0, G)), row tile, first row, end row
+      (exclusive) of the group inside the whole array, and the number of K steps to run (0 for
+      the tail, which then stores zeros, and for idle items, whose empty row range stores
+      nothing).
     """
     num_groups = group_sizes.shape[0]
-    sizes_G = group_sizes.astype(jnp.int32)
-    tail = jnp.maximum(num_rows - jnp.sum(sizes_G), 0)
-    # Group G is the tail: rows past sum(group_sizes), which the kernel fills with zeros.
-    sizes_H = jnp.concatenate([sizes_G, tail[None]])
-    ends_H = jnp.cumsum(sizes_H)
-    starts_H = ends_H - sizes_H
-    first_tile_H = starts_H // block_m
-    last_tile_H = (ends_H - 1) // block_m
-    tiles_H = jnp.where(sizes_H > 0, last_tile_H - first_tile_H + 1, 0)
-    tile_ends_H = jnp.cumsum(tiles_H)
-    num_work = tile_ends_H[-1]
-
-    w_W = jnp.arange(num_work_items(num_rows, num_groups, block_m), dtype=jnp.int32)
-    # Work item w belongs to the first range whose cumulative tile count exceeds w; items at or
-    # past num_work get index G + 1 and are clamped below, then disabled.
-    group_W = jnp.sum(tile_ends_H[None, :] <= w_W[:, None], axis=1).astype(jnp.int32)
-    used_W = w_W < num_work
-    h_W = jnp.minimum(group_W, num_groups)
-    tile_W = first_tile_H[h_W] + w_W - (tile_ends_H[h_W] - tiles_H[h_W])
-    tile_W = jnp.where(used_W, tile_W, 0)
-    row_start_W = jnp.where(used_W, starts_H[h_W], 0)
-    row_end_W = jnp.where(used_W, ends_H[h_W], 0)
-    k_steps_W = jnp.where(used_W & (h_W < num_groups), num_k_steps, 0)
-    rhs_group_W = jnp.minimum(h_W, num_groups - 1)
-    work_W5 = jnp.stack([rhs_group_W, tile_W, row_start_W, row_end_W, k_steps_W]).astype(jnp.int32)
-    return GroupMetadata(work_W5, num_work.astype(jnp.int32))
+    meta = make_group_metadata(group_sizes, num_rows=num_rows, tile=block_m, zero_tail=True)
+    group_W = meta.item_group_W
+    used_W = jnp.arange(group_W.shape[0], dtype=jnp.int32) < meta.num_items
+    tile_W = jnp.where(used_W, meta.item_tile_W, 0)
+    row_start_W = jnp.where(used_W, meta.group_offsets[group_W], 0)
+    row_end_W = jnp.where(used_W, meta.group_offsets[group_W + 1], 0)
+    k_steps_W = jnp.where(used_W & (group_W < num_groups), num_k_steps, 0)
+    rhs_group_W = jnp.minimum(group_W, num_groups - 1)
+    return jnp.stack([rhs_group_W, tile_W, row_start_W, row_end_W, k_steps_W]).astype(jnp.int32)
 
 
 def _gmm_kernel(
@@ -286,14 +252,6 @@ def _gmm_kernel(
     )
 
 
-def _check_config(config, kernel: str) -> None:
-    if config is not None and not isinstance(config, TritonConfig):
-        raise ValueError(
-            f"config for the triton backend ({kernel}) must be a TritonConfig or None, "
-            f"got {type(config).__name__}"
-        )
-
-
 @functools.partial(
     jax.jit, static_argnames=("transpose_rhs", "preferred_element_type", "config", "interpret")
 )
@@ -312,7 +270,7 @@ def gmm_triton(
     Args:
       lhs: [M, K].
       rhs: [G, K, N], or [G, N, K] with transpose_rhs.
-      group_sizes: [G] int32, sum <= M (not checked here; `moejax.pallas.gmm` validates).
+      group_sizes: [G] int32, sum <= M (checked on the host by `moejax.pallas.gmm`).
       transpose_rhs: contract with rhs's last axis.
       preferred_element_type: result dtype; None = lhs.dtype.
       config: tiling; None = `default_config` for this problem.
@@ -321,27 +279,24 @@ def gmm_triton(
     Returns:
       [M, N], zeros in rows past sum(group_sizes).
     """
-    _check_config(config, "gmm")
-    num_rows, k = lhs.shape
-    num_groups = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    if 0 in (num_rows, k, n):
+    check_config("triton", config, TritonConfig)
+    p = check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type)
+    if p.is_empty:
         # Nothing to tile (Triton grids and blocks cannot be empty); an empty K gives zeros.
-        return jnp.zeros((num_rows, n), out_dtype)
+        return jnp.zeros((p.m, p.n), p.out_dtype)
     kernel_name = "gmm_transposed" if transpose_rhs else "gmm"
-    cfg = config or default_config(kernel_name, num_rows, k, n, num_groups, lhs.dtype)
-    meta = make_group_metadata(group_sizes, num_rows, cfg.block_m, pl.cdiv(k, cfg.block_k))
-    grid = (meta.work_W5.shape[1], pl.cdiv(n, cfg.block_n))
-    kernel = functools.partial(_gmm_kernel, cfg=cfg, k=k, n=n, transpose_rhs=transpose_rhs)
+    cfg = config or default_config(kernel_name, p.m, p.k, p.n, p.num_groups, lhs.dtype)
+    work_W5 = work_list(group_sizes, p.m, cfg.block_m, pl.cdiv(p.k, cfg.block_k))
+    grid = (work_W5.shape[1], pl.cdiv(p.n, cfg.block_n))
+    kernel = functools.partial(_gmm_kernel, cfg=cfg, k=p.k, n=p.n, transpose_rhs=transpose_rhs)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_rows, n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((p.m, p.n), p.out_dtype),
         grid=grid,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name=kernel_name,
-    )(meta.work_W5, lhs, rhs)
+    )(work_W5, lhs, rhs)
 
 
 def _tgmm_kernel(meta_ref, lhs_ref, grad_ref, out_ref, *, cfg: TritonConfig, k: int, n: int):
@@ -415,33 +370,30 @@ def tgmm_triton(
     Returns:
       [G, K, N]; an empty group gives zeros.
     """
-    _check_config(config, "tgmm")
-    num_groups = group_sizes.shape[0] if num_groups is None else num_groups
-    if num_groups != group_sizes.shape[0]:
-        raise ValueError(
-            f"num_groups={num_groups} must equal group_sizes.shape[0]={group_sizes.shape[0]}"
-        )
-    num_rows, k = lhs.shape
-    n = grad.shape[1]
-    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    if 0 in (num_rows, k, n):
+    check_config("triton", config, TritonConfig)
+    p = check_tgmm_args(lhs, grad, group_sizes, num_groups, preferred_element_type)
+    num_groups, k, n = p.num_groups, p.k, p.n
+    if p.is_empty:
         # No rows means every group is empty: zeros, like an empty group.
-        return jnp.zeros((num_groups, k, n), out_dtype)
-    cfg = config or default_config("tgmm", num_rows, k, n, num_groups, lhs.dtype)
-    bm = cfg.block_m
-    sizes_G = group_sizes.astype(jnp.int32)
-    ends_G = jnp.cumsum(sizes_G)
-    starts_G = ends_G - sizes_G
-    first_tile_G = starts_G // bm
-    num_tiles_G = jnp.where(sizes_G > 0, (ends_G - 1) // bm - first_tile_G + 1, 0)
-    meta_4xG = jnp.stack([starts_G, ends_G, first_tile_G, num_tiles_G]).astype(jnp.int32)
+        return jnp.zeros((num_groups, k, n), p.out_dtype)
+    cfg = config or default_config("tgmm", p.m, k, n, num_groups, lhs.dtype)
+    # Each program loops over its group's row tiles: the group's rows and tile range from the
+    # shared metadata (its work list is unused here and compiled away).
+    meta = make_group_metadata(group_sizes, num_rows=p.m, tile=cfg.block_m)
+    offsets = meta.group_offsets
+    meta_4xG = jnp.stack([offsets[:-1], offsets[1:], meta.first_tile_R, meta.num_tiles_R])
     grid = (pl.cdiv(k, cfg.block_k), pl.cdiv(n, cfg.block_n), num_groups)
     kernel = functools.partial(_tgmm_kernel, cfg=cfg, k=k, n=n)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), p.out_dtype),
         grid=grid,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="tgmm",
     )(meta_4xG, lhs, grad)
+
+
+GMM_KERNELS = GmmKernels(
+    gmm=gmm_triton, tgmm=tgmm_triton, config_type=TritonConfig, tuned_configs=TUNED_CONFIGS
+)

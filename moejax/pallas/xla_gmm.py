@@ -7,10 +7,11 @@ and a `lax.scan` over the tiles multiplies each tile by its own group's weight o
 the real FLOPs plus at most one partial tile per group, plus two row gathers (in and out of the
 padded layout). Tiles past the last used one are skipped with `lax.cond`.
 
-The functions are plain (no custom_vjp): `moejax.pallas.ops` wraps the grouped matmuls, and
-`moejax.layers.dispatch` wraps `mlp_padded`/`mlp_padded_bwd` (a whole expert MLP per tile in one
-scan, for the dropless MoE layer). `padded_layout` is public so that dispatch code can gather
-tokens straight into the padded layout.
+The padded layout is the shared group-tile work list (`moejax.pallas.metadata`) of the group
+sizes rounded up to whole tiles. The functions are plain (no custom_vjp): `moejax.pallas.ops`
+wraps the grouped matmuls, and `moejax.pallas.expert_mlp` wraps `mlp_padded`/`mlp_padded_bwd` (a
+whole expert MLP per tile in one scan, for the dropless MoE layer). `padded_layout` is public so
+that dispatch code can gather tokens straight into the padded layout.
 
 Legend: M rows, K contraction width, N output width, G groups, P padded rows (= T_p * tile_m),
 T_p number of row tiles (static upper bound).
@@ -18,10 +19,32 @@ T_p number of row tiles (static upper bound).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from moejax.pallas.backends import GmmKernels
+from moejax.pallas.metadata import make_group_metadata
+from moejax.pallas.validation import Problem, check_config, check_gmm_args, check_tgmm_args
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """Tiling of the XLA grouped matmul.
+
+    Attributes:
+      tile_m: row tile, the padding granularity of the padded layout (each group is padded to a
+        multiple of it); shrunk by `effective_tile` when there are few rows per group. 256 keeps
+        the per-tile matmuls large on CPU while padding at most one partial tile per group.
+    """
+
+    tile_m: int = 256
+
+    def __post_init__(self):
+        if not isinstance(self.tile_m, int) or isinstance(self.tile_m, bool) or self.tile_m < 1:
+            raise ValueError(f"XlaConfig.tile_m must be a positive int, got {self.tile_m!r}")
 
 
 class PaddedLayout(NamedTuple):
@@ -32,7 +55,8 @@ class PaddedLayout(NamedTuple):
         (gathering from an operand with one extra zero row makes padding rows zero).
       dst_row_M: [M] int32, for each source row its padded row in [0, P), or P for rows past
         sum(group_sizes) (gathering from a padded result with one extra zero row gives zeros).
-      tile_group_Tp: [T_p] int32, the group of each row tile (clamped to [0, G) for unused tiles).
+      tile_group_Tp: [T_p] int32, the group of each row tile (unused tiles repeat the last used
+        tile's group; always in [0, G)).
       num_used_tiles: scalar int32, tiles that hold at least one real row's group.
     """
 
@@ -78,21 +102,22 @@ def padded_layout(group_sizes: jax.Array, num_rows: int, tile_m: int) -> PaddedL
     num_tiles = num_padded_tiles(num_rows, num_groups, tile_m)
     padded_rows = num_tiles * tile_m
     sizes_G = group_sizes.astype(jnp.int32)
-    tiles_G = (sizes_G + tile_m - 1) // tile_m
     ends_G = jnp.cumsum(sizes_G)
     starts_G = ends_G - sizes_G
-    tile_ends_G = jnp.cumsum(tiles_G)
-    pad_starts_G = (tile_ends_G - tiles_G) * tile_m
+    # The padded layout is the shared work list of the sizes rounded up to whole tiles: those
+    # groups share no tile, so work item t is row tile t, and num_tiles bounds the items.
+    # Unused tiles (t >= num_used_tiles) repeat the last used tile's group.
+    tiles_G = (sizes_G + tile_m - 1) // tile_m
+    meta = make_group_metadata(
+        tiles_G * tile_m, num_rows=padded_rows, tile=tile_m, max_items=num_tiles
+    )
+    tile_group_Tp, num_used_tiles = meta.item_group_W, meta.num_items
+    pad_starts_G = meta.group_offsets[:-1]
 
-    # Padded row p lies in tile p // tile_m; that tile's group is the first g whose cumulative
-    # tile count exceeds the tile index. Unused tiles (index >= total) clamp to the last group.
-    tile_Tp = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_group_Tp = jnp.searchsorted(tile_ends_G, tile_Tp, side="right").astype(jnp.int32)
-    tile_group_Tp = jnp.minimum(tile_group_Tp, num_groups - 1)
     row_P = jnp.arange(padded_rows, dtype=jnp.int32)
     group_P = jnp.repeat(tile_group_Tp, tile_m, total_repeat_length=padded_rows)
     offset_P = row_P - pad_starts_G[group_P]
-    used_P = (offset_P < sizes_G[group_P]) & (row_P < tile_ends_G[-1] * tile_m)
+    used_P = (offset_P < sizes_G[group_P]) & (row_P < num_used_tiles * tile_m)
     src_row_P = jnp.where(used_P, starts_G[group_P] + offset_P, num_rows)
 
     # Source row i belongs to the group whose row range [start, end) contains it.
@@ -101,7 +126,7 @@ def padded_layout(group_sizes: jax.Array, num_rows: int, tile_m: int) -> PaddedL
     dst_row_M = jnp.where(
         row_M < ends_G[-1], pad_starts_G[group_M] + row_M - starts_G[group_M], padded_rows
     )
-    return PaddedLayout(src_row_P, dst_row_M.astype(jnp.int32), tile_group_Tp, tile_ends_G[-1])
+    return PaddedLayout(src_row_P, dst_row_M.astype(jnp.int32), tile_group_Tp, num_used_tiles)
 
 
 def _gather_rows(x_MxK: jax.Array, rows: jax.Array) -> jax.Array:
@@ -176,14 +201,23 @@ def gmm_padded(
     return out_TpxtxN.reshape(num_tiles * tile_m, n)
 
 
+def _layout(
+    group_sizes: jax.Array, problem: Problem, config: XlaConfig | None
+) -> tuple[int, PaddedLayout]:
+    """The row tile used for a problem (`effective_tile` of the config's) and its padded layout."""
+    tile_m = effective_tile(problem.m, problem.num_groups, (config or XlaConfig()).tile_m)
+    return tile_m, padded_layout(group_sizes, problem.m, tile_m)
+
+
 def gmm_xla(
     lhs: jax.Array,
     rhs: jax.Array,
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
-    preferred_element_type: jnp.dtype | None = None,
-    tile_m: int = 256,
+    preferred_element_type: Any = None,
+    config: XlaConfig | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """Grouped matmul, `jax.lax.ragged_dot` semantics, computing each row against its group only.
 
@@ -193,15 +227,16 @@ def gmm_xla(
       group_sizes: [G] int32, sum <= M.
       transpose_rhs: use rhs[g].T.
       preferred_element_type: result dtype; None = lhs.dtype.
-      tile_m: row tile (padding granularity), shrunk by `effective_tile` for few rows.
+      config: the row tile; None = `XlaConfig()`.
+      interpret: ignored (plain XLA, nothing to interpret).
 
     Returns:
       [M, N]: row i of group g is lhs[i] @ rhs[g]; rows past sum(group_sizes) are zero.
     """
-    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    num_rows = lhs.shape[0]
-    tile_m = effective_tile(num_rows, group_sizes.shape[0], tile_m)
-    layout = padded_layout(group_sizes, num_rows, tile_m)
+    del interpret
+    check_config("xla", config, XlaConfig)
+    problem = check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type)
+    tile_m, layout = _layout(group_sizes, problem, config)
     lhs_PxK = _gather_rows(lhs, layout.src_row_P)
     out_PxN = gmm_padded(
         lhs_PxK,
@@ -209,7 +244,7 @@ def gmm_xla(
         layout.tile_group_Tp,
         layout.num_used_tiles,
         transpose_rhs=transpose_rhs,
-        preferred_element_type=out_dtype,
+        preferred_element_type=problem.out_dtype,
         tile_m=tile_m,
     )
     return _gather_rows(out_PxN, layout.dst_row_M)
@@ -262,8 +297,9 @@ def tgmm_xla(
     group_sizes: jax.Array,
     *,
     num_groups: int | None = None,
-    preferred_element_type: jnp.dtype | None = None,
-    tile_m: int = 256,
+    preferred_element_type: Any = None,
+    config: XlaConfig | None = None,
+    interpret: bool = False,
 ) -> jax.Array:
     """Transposed grouped matmul: out[g] = lhs[rows_g].T @ grad[rows_g].
 
@@ -273,20 +309,16 @@ def tgmm_xla(
       group_sizes: [G] int32, sum <= M; rows past the sum are ignored.
       num_groups: G (defaults to group_sizes.shape[0]; must equal it).
       preferred_element_type: result dtype; None = lhs.dtype.
-      tile_m: row tile (padding granularity).
+      config: the row tile; None = `XlaConfig()`.
+      interpret: ignored (plain XLA, nothing to interpret).
 
     Returns:
       [G, K, N]; an empty group gives zeros.
     """
-    num_groups = group_sizes.shape[0] if num_groups is None else num_groups
-    if num_groups != group_sizes.shape[0]:
-        raise ValueError(
-            f"num_groups={num_groups} must equal group_sizes.shape[0]={group_sizes.shape[0]}"
-        )
-    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
-    num_rows = lhs.shape[0]
-    tile_m = effective_tile(num_rows, num_groups, tile_m)
-    layout = padded_layout(group_sizes, num_rows, tile_m)
+    del interpret
+    check_config("xla", config, XlaConfig)
+    problem = check_tgmm_args(lhs, grad, group_sizes, num_groups, preferred_element_type)
+    tile_m, layout = _layout(group_sizes, problem, config)
     # Padding rows gather the extra zero row, so they add nothing to any group.
     lhs_PxK = _gather_rows(lhs, layout.src_row_P)
     grad_PxN = _gather_rows(grad, layout.src_row_P)
@@ -295,8 +327,8 @@ def tgmm_xla(
         grad_PxN,
         layout.tile_group_Tp,
         layout.num_used_tiles,
-        num_groups=num_groups,
-        preferred_element_type=out_dtype,
+        num_groups=problem.num_groups,
+        preferred_element_type=problem.out_dtype,
         tile_m=tile_m,
     )
 
@@ -432,3 +464,6 @@ def mlp_padded_bwd(
     d_w = tuple(a.astype(w.dtype) for a, w in zip(acc, weights, strict=True))
     d_gate = d_w[2] if gated else None
     return d_x.reshape(-1, d), d_gate, d_w[0], d_w[1]
+
+
+GMM_KERNELS = GmmKernels(gmm=gmm_xla, tgmm=tgmm_xla, config_type=XlaConfig, tuned_configs=None)
