@@ -11,7 +11,7 @@ weight and the input) is jitted under the mesh and measured:
   comm bytes   bytes per device, summed over the compiled HLO's collectives (all-to-all,
                all-gather, reduce-scatter, all-reduce, collective-permute) as the sizes of their
                operands, split by collective kind.
-Strategies: "all_to_all" and "all_gather" (moejax.sharding.expert_parallel, inside shard_map)
+Strategies: "all_to_all" and "all_gather" (moejax.moe.parallel, inside shard_map)
 and "gspmd" (expert_parallel="none": the single-device dispatch with the experts sharded by the
 logical rules, XLA's SPMD partitioner choosing the collectives), with routing skewed so that a
 few experts take most tokens. The all_to_all send-buffer bound is --ep-capacity-factor; the
@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax.layers import MoE, MoEConfig  # noqa: E402
+from moejax.layers import MoE, MoEConfig, MoEExecution  # noqa: E402
 from moejax.sharding import logical_shardings, make_mesh, sharding_context  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -98,8 +98,7 @@ def build(strategy: str, mesh, args):
         num_experts=args.experts,
         top_k=args.top_k,
         d_ff=args.d_ff,
-        expert_parallel=ep,
-        ep_capacity_factor=args.ep_capacity_factor,
+        execution=MoEExecution(expert_parallel=ep, ep_capacity_factor=args.ep_capacity_factor),
     )
     model = MoE(cfg, d_model=args.d_model)
     x, router_bonus = _skewed_inputs(args.tokens, args.d_model, args.experts)

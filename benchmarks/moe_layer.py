@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.layers import MoE, MoEConfig, dispatch, topk_route
+from moejax.layers import MoE, MoEConfig, MoEExecution
 from moejax.layers.mlp import MLP
+from moejax.moe import ExpertWeights, dropless_ffn, topk_route
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -93,12 +94,12 @@ def compact_step(cfg):
         x_TxD = x.reshape(-1, x.shape[-1])
         r = topk_route(x_TxD @ params["router"]["kernel"], cfg)
         ex = params["experts"]
-        plan = dispatch.dropless_plan(r.indices, cfg.num_experts, tile_m=None)
-        rows = dispatch.gather_rows(x_TxD, plan)
-        out = dispatch.grouped_expert_mlp(
-            rows, ex["wi_gate"], ex["wi_up"], ex["wo"], plan, activation="swiglu", backend="xla"
+        experts = ExpertWeights(ex["wi_gate"], ex["wi_up"], ex["wo"])
+        # The XLA gmm on the compact layout (tile_m=None: no padded rows).
+        compact = dataclasses.replace(
+            cfg, execution=dataclasses.replace(cfg.execution, gmm_backend="xla")
         )
-        y = dispatch.combine_rows(out, r.weights, plan)
+        y = dropless_ffn(x_TxD, r.weights, r.indices, experts, compact, tile_m=None)
         return jnp.vdot(y.reshape(x.shape), cot)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -158,7 +159,8 @@ def main():
 
     cfg = MoEConfig(num_experts=args.num_experts, top_k=args.top_k, d_ff=args.d_ff)
     model = MoE(cfg, d_model=args.d_model)
-    ragged = MoE(dataclasses.replace(cfg, gmm_backend="ragged_dot"), d_model=args.d_model)
+    ragged_cfg = dataclasses.replace(cfg, execution=MoEExecution(gmm_backend="ragged_dot"))
+    ragged = MoE(ragged_cfg, d_model=args.d_model)
     dense = MLP(args.d_ff * args.top_k, "swiglu")
     rng = np.random.default_rng(0)
     shape = (args.batch, args.length, args.d_model)

@@ -19,7 +19,7 @@ from moejax.train import config_defaults as defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    model = defaults.model_section("first_dense_layers")
+    model = defaults.model_section()
     model.d_model = 256  # residual width D (twice tiny's)
     model.num_layers = 6  # decoder layers (first one dense)
     model.num_heads = 8  # query heads (head_dim 32)
@@ -28,18 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.max_len = 512  # context length
     model.first_dense_layers = 1  # DeepSeek first_k_dense_replace
 
-    moe = defaults.moe_section(
-        "norm_topk_prob",
-        "routed_scaling_factor",
-        "n_groups",
-        "topk_groups",
-        "use_expert_bias",
-        "bias_update_rate",
-        "num_shared_experts",
-        "shared_d_ff",
-        "dispatch",
-        "load_balance_type",
-    )
+    moe = defaults.moe_section()
     moe.num_experts = 64  # fine-grained routed experts E
     moe.top_k = 6  # experts per token K
     moe.d_ff = 64  # expert hidden width F (fine-grained: small)

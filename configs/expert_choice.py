@@ -18,7 +18,7 @@ from moejax.train import config_defaults as defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    moe = defaults.moe_section("router", "capacity_factor", "eval_capacity_factor")
+    moe = defaults.moe_section()
     moe.router = "expert_choice"  # experts pick their top-C tokens
     moe.capacity_factor = 1.0  # C = T * K / E exactly: every expert full, none over-full
     moe.eval_capacity_factor = 1.0  # same capacity at evaluation

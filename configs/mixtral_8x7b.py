@@ -19,7 +19,7 @@ from moejax.train import config_defaults as defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    model = defaults.model_section("rope_theta", "norm_eps")
+    model = defaults.model_section()
     model.vocab_size = 32000  # Mixtral's SentencePiece vocabulary
     model.d_model = 4096  # residual width D
     model.num_layers = 32  # decoder layers, every one an MoE layer
@@ -30,10 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.rope_theta = 1000000.0  # Mixtral's RoPE base
     model.norm_eps = 1e-05  # Mixtral's RMSNorm epsilon
 
-    moe = defaults.moe_section("norm_topk_prob", "dispatch", "expert_parallel", "gmm_backend")
+    moe = defaults.moe_section()
     moe.d_ff = 14336  # expert hidden width F
     moe.load_balance_coef = 0.02  # HF Mixtral router_aux_loss_coef
-    moe.expert_parallel = "all_to_all"  # tokens sent to their experts' devices
+    moe.execution.expert_parallel = "all_to_all"  # tokens sent to their experts' devices
 
     config = defaults.at_scale(defaults.base_config(model, moe))
     config.opt.lr = 0.0003  # peak learning rate

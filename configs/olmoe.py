@@ -15,7 +15,7 @@ from moejax.train import config_defaults as defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    model = defaults.model_section("rope_theta", "norm_eps", "qk_norm")
+    model = defaults.model_section()
     model.vocab_size = 50304  # OLMoE / GPT-NeoX vocabulary (padded)
     model.d_model = 2048  # residual width D
     model.num_layers = 16  # decoder layers, all MoE
@@ -26,12 +26,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.norm_eps = 1e-05  # OLMoE's RMSNorm epsilon
     model.qk_norm = "full"  # OLMoE normalises q and k over all heads' features
 
-    moe = defaults.moe_section("norm_topk_prob", "dispatch", "expert_parallel", "gmm_backend")
+    moe = defaults.moe_section()
     moe.num_experts = 64  # routed experts E
     moe.top_k = 8  # experts per token K
     moe.d_ff = 1024  # expert hidden width F
     moe.norm_topk_prob = False  # OLMoE does not renormalise the top-8 weights
-    moe.expert_parallel = "all_to_all"  # tokens sent to their experts' devices
+    moe.execution.expert_parallel = "all_to_all"  # tokens sent to their experts' devices
 
     config = defaults.at_scale(defaults.base_config(model, moe))
     config.opt.lr = 0.0004  # peak learning rate

@@ -17,18 +17,11 @@ from moejax.train import config_defaults as defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    model = defaults.model_section("dense_activation")
+    model = defaults.model_section()
     model.num_kv_heads = 4  # multi-head attention, as in T5/Switch
     model.dense_activation = "relu"  # T5-style (Switch used moe_every=2 with dense ReLU layers)
 
-    moe = defaults.moe_section(
-        "norm_topk_prob",
-        "jitter_eps",
-        "dispatch",
-        "capacity_factor",
-        "eval_capacity_factor",
-        "drop_policy",
-    )
+    moe = defaults.moe_section()
     moe.top_k = 1  # switch routing: one expert per token
     moe.d_ff = 256  # wider experts: top-1 keeps the tiny model's active FFN width (256)
     moe.activation = "relu"  # T5/Switch experts are ReLU MLPs

@@ -18,10 +18,9 @@ from moejax.train import config_defaults as defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-    # The reference config: every model and MoE field listed, so any can be overridden
-    # (each field's meaning, units and default: moejax/train/config_defaults.py).
-    config = defaults.base_config(
-        defaults.model_section(every_field=True), defaults.moe_section(every_field=True)
-    )
+    # The reference config: the default sections as they are. Every model and MoE field is in
+    # them, so any can be overridden (each field's meaning, units and default: the `help` of
+    # moejax.layers.ModelConfig / MoEConfig / MoEExecution fields).
+    config = defaults.base_config(defaults.model_section(), defaults.moe_section())
     config.train.keep_checkpoints = 2  # a laptop run: keep the workdir small
     return config

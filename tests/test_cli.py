@@ -29,7 +29,7 @@ TINY = [
     "--config.model.max_len=64",
     "--config.moe.num_experts=4",
     "--config.moe.d_ff=32",
-    "--config.moe.gmm_tile=16",
+    "--config.moe.execution.gmm_tile=16",
     "--config.data.max_files=40",
     "--config.train.steps=10",
     "--config.train.batch_size=8",
@@ -113,6 +113,12 @@ def test_cli_subprocess_reports_field_and_fails(tmp_path):
             "(did you mean 'steps'?)",
         ),
         (["--config.train.steps=abc"], "--config.train.steps=abc"),
+        (
+            ["--config.moe.execution.gmm_backend=fast"],
+            "error: MoEExecution.gmm_backend='fast' is invalid: allowed values are 'auto', ",
+        ),
+        # The execution knobs live in moe.execution, not beside the model fields.
+        (["--config.moe.gmm_backend=xla"], "the config has no field 'gmm_backend'"),
     ],
 )
 def test_cli_bad_file_and_unknown_field_one_line_exit_2(tmp_path, args, message):

@@ -3,6 +3,7 @@
 Legend: B batch, L length, T = B*L tokens, D model width, F expert hidden, E experts, K top-k.
 """
 
+import dataclasses
 import functools
 import re
 
@@ -12,15 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.layers import dispatch
-from moejax.layers.config import MoEConfig
+from moejax.layers.config import MoEConfig, MoEExecution
 from moejax.layers.moe import MoE
-from moejax.layers.router import RouterOutput
+from moejax.moe import ExpertWeights, Routing, dropless_ffn, expert_parallel_ffn, send_buffer_rows
 from moejax.sharding import init_sharded, make_mesh, sharding_context
-from moejax.sharding.expert_parallel import expert_parallel_ffn, send_buffer_rows
 
 E, K, D, F, B, L = 8, 2, 8, 4, 8, 2
-BASE = dict(num_experts=E, top_k=K, d_ff=F, gmm_tile=8, min_capacity=1)
+BASE = dict(num_experts=E, top_k=K, d_ff=F, min_capacity=1, execution=MoEExecution(gmm_tile=8))
 # Router bonus per expert: expert 0 gets most of the traffic, 4-7 little (skewed routing).
 SKEW = jnp.array([3.0, 2.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0])
 
@@ -49,7 +48,9 @@ def _loss_and_grads(cfg, params, x, mesh=None):
     model = MoE(cfg, d_model=D)
 
     def loss(p, x):
-        y, aux = model.apply({"params": p}, x, deterministic=False)
+        y, aux = model.apply(
+            {"params": p}, x, deterministic=False, rngs={"router": jax.random.key(7)}
+        )
         return jnp.sum(y**2) + aux["aux_loss"], (y, aux)
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -70,7 +71,27 @@ CASES += [
     ("all_to_all", "fsdp2_exp2_ten2", "capacity"),
     ("all_gather", "exp8", "capacity"),
     ("all_to_all", "data2_exp4", "expert_choice"),
+    # router="random" (issue: the router table's proof) through both dispatch kinds and both
+    # exchanges: its draws must not depend on the mesh.
+    ("all_to_all", "data2_exp4", "random"),
+    ("all_gather", "exp8", "random"),
+    ("all_to_all", "exp8", "random_capacity"),
+    ("all_gather", "data2_exp4", "random_capacity"),
+    # Token-adaptive routers: null experts (AdaMoE) and top-p, whose "no expert" places must
+    # cost nothing and cross no device.
+    ("all_to_all", "data2_exp4", "null"),
+    ("all_gather", "fsdp2_exp2_ten2", "null"),
+    ("all_to_all", "exp8", "top_p"),
+    ("all_gather", "data2_exp4", "top_p"),
+    # DeepSpeed's random token selection: the same draw decides the drops on every mesh.
+    ("all_to_all", "data2_exp4", "random_drop"),
 ]
+
+
+def _with_ep(cfg: MoEConfig, strategy: str, **execution) -> MoEConfig:
+    """`cfg` running expert-parallel with `strategy` (and other MoEExecution fields)."""
+    ex = dataclasses.replace(cfg.execution, expert_parallel=strategy, **execution)
+    return dataclasses.replace(cfg, execution=ex)
 
 
 def _path_kwargs(path):
@@ -79,6 +100,16 @@ def _path_kwargs(path):
         kw.update(dispatch="capacity", capacity_factor=1.0)
     if path == "expert_choice":
         kw.update(router="expert_choice")
+    if path.startswith("random"):
+        kw.update(router="random")
+    if path == "null":
+        kw.update(num_null_experts=2)
+    if path == "top_p":
+        kw.update(router="top_p", top_p=0.5, max_k=3)
+    if path == "random_drop":
+        kw.update(dispatch="capacity", capacity_factor=0.5, drop_policy="random")
+    if path == "random_capacity":
+        kw.update(dispatch="capacity", capacity_factor=0.5)
     return kw
 
 
@@ -96,11 +127,11 @@ def test_moe_matches_single_device(strategy, mesh_name, path):
     kw = _path_kwargs(path)
     x, params, ((loss0, (y0, aux0)), grads0) = _single_device(path)
     # A bound that always holds (ep_capacity_factor = ep): all_to_all must then be exact.
-    ep_cfg = MoEConfig(**kw, expert_parallel=strategy, ep_capacity_factor=8.0)
+    ep_cfg = _with_ep(MoEConfig(**kw), strategy, ep_capacity_factor=8.0)
     (loss1, (y1, aux1)), grads1 = _loss_and_grads(ep_cfg, params, x, make_mesh(**MESHES[mesh_name]))
-    if path != "expert_choice":
+    if path in ("dropless", "capacity"):
         assert float(aux0["expert_load"].max()) > 2.0 / E  # the routing really is skewed
-    if path == "capacity":
+    if path in ("capacity", "random_capacity", "random_drop"):
         assert float(aux0["dropped_fraction"]) > 0.1  # and drops happen
     _assert_close(y1, y0)
     _assert_close(loss1, loss0)
@@ -111,12 +142,13 @@ def test_moe_matches_single_device(strategy, mesh_name, path):
 def _routing(t, seed=0):
     logits = jax.random.normal(jax.random.key(seed), (t, E)) + 2.0 * SKEW
     weights, indices = jax.lax.top_k(jax.nn.softmax(logits), K)
-    return RouterOutput(weights, indices.astype(jnp.int32), jax.nn.softmax(logits), logits)
+    count = jnp.full((t,), K, jnp.int32)
+    return Routing(weights, indices.astype(jnp.int32), jax.nn.softmax(logits), logits, count)
 
 
 def _weights(seed=2):
     ks = jax.random.split(jax.random.key(seed), 3)
-    return (
+    return ExpertWeights(
         jax.random.normal(ks[0], (E, D, F)) * 0.3,
         jax.random.normal(ks[1], (E, D, F)) * 0.3,
         jax.random.normal(ks[2], (E, F, D)) * 0.3,
@@ -129,10 +161,10 @@ def test_all_to_all_overflow_is_counted_and_exact():
     x = jax.random.normal(jax.random.key(3), (t, D))
     routing = _routing(t)
     w = _weights()
-    cfg = MoEConfig(**BASE, expert_parallel="all_to_all", ep_capacity_factor=factor)
+    cfg = _with_ep(MoEConfig(**BASE), "all_to_all", ep_capacity_factor=factor)
     with jax.set_mesh(make_mesh(data=1, expert=ep)):
-        y, dropped = jax.jit(lambda x, r, *w: expert_parallel_ffn(x, r, *w, cfg, capacity=1))(
-            x, routing, *w
+        y, dropped = jax.jit(lambda x, r, w: expert_parallel_ffn(x, r, w, cfg, capacity=1))(
+            x, routing, w
         )
 
     # numpy model: shard s holds tokens [s*T/ep, (s+1)*T/ep); it sends each destination (the
@@ -150,7 +182,7 @@ def test_all_to_all_overflow_is_counted_and_exact():
                 used[dest] += 1
     assert (~kept).sum() > 0  # the bound really is exceeded with this skew
     np.testing.assert_allclose(float(dropped), (~kept).sum() / (t * K), rtol=1e-6)
-    want = dispatch.dropless_ffn(x, routing.weights * kept, routing.indices, *w, cfg)
+    want = dropless_ffn(x, routing.weights * kept, routing.indices, w, cfg)
     _assert_close(y, want)
 
 
@@ -159,27 +191,29 @@ def test_no_mesh_and_replicated_tokens_paths():
     x = jax.random.normal(jax.random.key(4), (2, D))
     routing = _routing(2, seed=5)
     w = _weights()
-    want = dispatch.dropless_ffn(x, routing.weights, routing.indices, *w, MoEConfig(**BASE))
+    want = dropless_ffn(x, routing.weights, routing.indices, w, MoEConfig(**BASE))
     for strategy in ("all_to_all", "all_gather"):
-        cfg = MoEConfig(**BASE, expert_parallel=strategy)
-        y, _ = expert_parallel_ffn(x, routing, *w, cfg, capacity=1)
+        cfg = _with_ep(MoEConfig(**BASE), strategy)
+        y, _ = expert_parallel_ffn(x, routing, w, cfg, capacity=1)
         _assert_close(y, want)
         with jax.set_mesh(make_mesh(data=2, expert=4)):
             fn = jax.jit(functools.partial(expert_parallel_ffn, cfg=cfg, capacity=1))
-            y, dropped = fn(x, routing, *w)
+            y, dropped = fn(x, routing, w)
         _assert_close(y, want)
         assert float(dropped) == 0.0
 
 
 def test_bad_expert_count():
-    cfg = MoEConfig(num_experts=6, top_k=2, d_ff=F, expert_parallel="all_to_all")
+    cfg = _with_ep(MoEConfig(num_experts=6, top_k=2, d_ff=F), "all_to_all")
     x = jnp.ones((8, D))
     logits = jnp.zeros((8, 6))
-    routing = RouterOutput(jnp.ones((8, 2)), jnp.zeros((8, 2), jnp.int32), logits, logits)
-    w = (jnp.ones((6, D, F)), jnp.ones((6, D, F)), jnp.ones((6, F, D)))
+    routing = Routing(
+        jnp.ones((8, 2)), jnp.zeros((8, 2), jnp.int32), logits, logits, jnp.full((8,), 2)
+    )
+    w = ExpertWeights(jnp.ones((6, D, F)), jnp.ones((6, D, F)), jnp.ones((6, F, D)))
     with jax.set_mesh(make_mesh(data=2, expert=4)):
         with pytest.raises(ValueError, match="num_experts=6"):
-            expert_parallel_ffn(x, routing, *w, cfg, capacity=4)
+            expert_parallel_ffn(x, routing, w, cfg, capacity=4)
 
 
 @pytest.mark.parametrize(
@@ -188,7 +222,7 @@ def test_bad_expert_count():
 )
 def test_expert_weights_are_split(mesh_kw, want_shape):
     mesh = make_mesh(**mesh_kw)
-    cfg = MoEConfig(**BASE, expert_parallel="all_to_all")
+    cfg = _with_ep(MoEConfig(**BASE), "all_to_all")
     x = _inputs()
     variables, _ = init_sharded(MoE(cfg, d_model=D).init, mesh, None, jax.random.key(0), x)
     wi_up = variables["params"]["experts"]["wi_up"]
@@ -235,7 +269,7 @@ def _collective_lines(hlo: str, op: str) -> list[str]:
 )
 def test_compiled_step_has_expert_axis_collectives(strategy, ops):
     mesh = make_mesh(data=2, expert=4)
-    cfg = MoEConfig(**BASE, expert_parallel=strategy)
+    cfg = _with_ep(MoEConfig(**BASE), strategy)
     x = _inputs()
     params = _params(MoEConfig(**BASE), x)
     model = MoE(cfg, d_model=D)

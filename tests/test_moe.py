@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.layers import MoE, MoEConfig
+from moejax.layers import MoE, MoEConfig, MoEExecution
 
 B, L, D, F, E = 2, 7, 8, 12, 4  # T = 14 tokens
+TILE8 = MoEExecution(gmm_tile=8)  # several row tiles even at 14 tokens
 
 
 def np_act(name, x):
@@ -162,7 +163,7 @@ def _check(cfg, *, seed=0, tol=1e-4):
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
 def test_dropless_forward_grad_and_aux(activation):
-    cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, activation=activation, gmm_tile=8)
+    cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, activation=activation, execution=TILE8)
     aux, probs, logits, idx, _ = _check(cfg)
     load = np.bincount(idx.ravel(), minlength=E) / idx.size
     np.testing.assert_allclose(aux["expert_load"], load, atol=1e-6)
@@ -179,7 +180,8 @@ def test_dropless_forward_grad_and_aux(activation):
 
 
 def test_top_k_equals_num_experts_ragged_dot_backend():
-    _check(MoEConfig(num_experts=E, top_k=E, d_ff=F, gmm_backend="ragged_dot"))
+    ragged = MoEExecution(gmm_backend="ragged_dot")
+    _check(MoEConfig(num_experts=E, top_k=E, d_ff=F, execution=ragged))
 
 
 @pytest.mark.parametrize("policy", ["position", "probs"])
@@ -217,13 +219,18 @@ def test_expert_choice():
 @pytest.mark.parametrize("gate", [False, True])
 def test_shared_experts(gate):
     cfg = MoEConfig(
-        num_experts=E, top_k=2, d_ff=F, num_shared_experts=2, shared_expert_gate=gate, gmm_tile=8
+        num_experts=E,
+        top_k=2,
+        d_ff=F,
+        num_shared_experts=2,
+        shared_expert_gate=gate,
+        execution=TILE8,
     )
     _check(cfg, seed=7)
 
 
 def test_bf16_compute_f32_params():
-    cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, gmm_tile=8)
+    cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, execution=TILE8)
     model, params, x = _setup(cfg, dtype=jnp.bfloat16)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
     y, aux = model.apply({"params": params}, x)

@@ -1,9 +1,11 @@
-"""TopKRouter / ExpertChoiceRouter / update_expert_bias against plain numpy and jnp references.
+"""The Router module (top-k, expert choice, random) and update_expert_bias against plain numpy
+and jnp references.
 
 Legend: T tokens, D model width, E experts, K experts per token, G groups, S experts per group,
 C capacity.
 """
 
+import dataclasses
 import itertools
 
 import flax
@@ -13,13 +15,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from moejax.layers import (
-    ExpertChoiceRouter,
-    MoEConfig,
-    TopKRouter,
-    load_balance_loss,
-    update_expert_bias,
-)
+from moejax.layers import MoEConfig, Router, load_balance_loss, update_expert_bias
 
 T, D, E = 24, 16, 8
 
@@ -122,7 +118,7 @@ def test_topk_forward_matches_numpy(kw):
     if cfg.use_expert_bias:
         # Large enough to change many selections relative to the unbiased scores.
         bias = np.random.default_rng(1).uniform(-0.3, 0.3, E).astype(np.float32)
-    out = TopKRouter(cfg).apply(_variables(w, bias), jnp.asarray(x), deterministic=True)
+    out = Router(cfg).apply(_variables(w, bias), jnp.asarray(x), deterministic=True)
     ref_w, ref_i, ref_p, ref_l = np_topk_router(x, w, cfg, bias)
     assert out.weights.dtype == jnp.float32 and out.probs.dtype == jnp.float32
     assert out.indices.dtype == jnp.int32 and out.logits.dtype == jnp.float32
@@ -144,7 +140,7 @@ def test_group_limited_selects_only_kept_groups(n_groups, topk_groups, top_k):
         num_experts=E, top_k=top_k, n_groups=n_groups, topk_groups=topk_groups, score_func="sigmoid"
     )
     x, w = _data(2, t=64)
-    out = TopKRouter(cfg).apply(_variables(w), jnp.asarray(x), deterministic=True)
+    out = Router(cfg).apply(_variables(w), jnp.asarray(x), deterministic=True)
     logits = x.astype(np.float64) @ w.astype(np.float64)
     allowed = _np_allowed_groups(_np_scores(logits, "sigmoid"), n_groups, topk_groups)
     idx = np.asarray(out.indices)
@@ -180,7 +176,7 @@ def test_topk_gradients_match_reference(kw):
     c_w = jnp.asarray(rng.standard_normal((12, cfg.top_k)), jnp.float32)
     c_p = jnp.asarray(rng.standard_normal((12, E)), jnp.float32)
     c_l = jnp.asarray(rng.standard_normal((12, E)), jnp.float32)
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     indices = router.apply(_variables(w, bias), jnp.asarray(x), deterministic=True).indices
 
     def loss(w_DxE, x_TxD):
@@ -211,7 +207,7 @@ def test_bias_shifts_selection_not_weights():
     x, w = _data(5)
     bias = np.zeros(E, np.float32)
     bias[5] = 10.0  # dominates every sigmoid score: expert 5 is always chosen first
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     out = router.apply(_variables(w, bias), jnp.asarray(x), deterministic=True)
     plain = router.apply(_variables(w, np.zeros(E)), jnp.asarray(x), deterministic=True)
     assert (np.asarray(out.indices[:, 0]) == 5).all()
@@ -227,7 +223,7 @@ def test_bias_shifts_selection_not_weights():
 def test_expert_bias_and_load_variables():
     cfg = MoEConfig(num_experts=E, top_k=2, use_expert_bias=True)
     x, _ = _data(6)
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     variables = router.init(jax.random.key(0), jnp.asarray(x), deterministic=True)
     assert set(variables) == {"params", "moe_state"}  # no moe_stats written at init
     assert variables["params"]["kernel"].names == ("embed", "unmodeled")
@@ -238,7 +234,7 @@ def test_expert_bias_and_load_variables():
     np.testing.assert_allclose(stats["moe_stats"]["expert_load"], load, rtol=1e-6)
     # Not mutable: nothing stored, and apply returns the bare output.
     assert router.apply(variables, jnp.asarray(x), deterministic=True).indices.shape == (T, 2)
-    no_bias = TopKRouter(MoEConfig(num_experts=E)).init(
+    no_bias = Router(MoEConfig(num_experts=E)).init(
         jax.random.key(0), jnp.asarray(x), deterministic=True
     )
     assert set(no_bias) == {"params"}
@@ -288,7 +284,7 @@ def test_bias_updates_move_load_toward_balance():
     x[:, 0] = 1.0  # constant feature: row 0 of the kernel is a per-expert logit offset
     w = (0.3 * rng.standard_normal((D, E))).astype(np.float32)
     w[0] = np.linspace(2.0, -2.0, E)  # strongly prefers the low-numbered experts
-    router = TopKRouter(cfg)
+    router = Router(cfg)
 
     @jax.jit
     def step(state, _):
@@ -315,7 +311,7 @@ def test_jitter_train_only_and_needs_rng():
     cfg = MoEConfig(num_experts=4, top_k=1, jitter_eps=eps)
     x = jnp.asarray(np.random.default_rng(8).uniform(0.5, 1.5, (32, 4)), jnp.float32)
     variables = _variables(np.eye(4, dtype=np.float32))  # logits == jittered x
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     det = router.apply(variables, x, deterministic=True)  # no rng needed
     np.testing.assert_array_equal(det.logits, x)
     with pytest.raises(ValueError, match="'jitter'"):
@@ -327,7 +323,7 @@ def test_jitter_train_only_and_needs_rng():
     assert ratio.std() > eps / 4  # spread over the interval, not a no-op
     assert not np.array_equal(a.logits, b.logits)
     # eps = 0 needs no rng even in train mode.
-    plain = TopKRouter(MoEConfig(num_experts=4, top_k=1))
+    plain = Router(MoEConfig(num_experts=4, top_k=1))
     np.testing.assert_array_equal(plain.apply(variables, x, deterministic=False).logits, x)
 
 
@@ -335,7 +331,7 @@ def test_jitter_train_only_and_needs_rng():
 def test_top_k_equals_num_experts(score_func):
     cfg = MoEConfig(num_experts=E, top_k=E, score_func=score_func, norm_topk_prob=False)
     x, w = _data(9)
-    out = TopKRouter(cfg).apply(_variables(w), jnp.asarray(x), deterministic=True)
+    out = Router(cfg).apply(_variables(w), jnp.asarray(x), deterministic=True)
     idx = np.asarray(out.indices)
     np.testing.assert_array_equal(np.sort(idx, -1), np.broadcast_to(np.arange(E), (T, E)))
     np.testing.assert_allclose(out.weights, -np.sort(-np.asarray(out.probs), -1), rtol=1e-6)
@@ -355,7 +351,7 @@ def test_expert_that_receives_no_token():
     offsets[3] = -30.0
     x, w = _skewed(10, offsets)
     cfg = MoEConfig(num_experts=E, top_k=2)
-    router = TopKRouter(cfg)
+    router = Router(cfg)
     out, stats = router.apply(
         _variables(w), jnp.asarray(x), deterministic=True, mutable=["moe_stats"]
     )
@@ -377,7 +373,7 @@ def test_all_tokens_to_one_expert(score_func):
     offsets[6] = 40.0
     x, w = _skewed(11, offsets)
     cfg = MoEConfig(num_experts=E, top_k=1, score_func=score_func)
-    out, stats = TopKRouter(cfg).apply(
+    out, stats = Router(cfg).apply(
         _variables(w), jnp.asarray(x), deterministic=True, mutable=["moe_stats"]
     )
     assert (np.asarray(out.indices) == 6).all()
@@ -398,7 +394,7 @@ def test_bf16_input_keeps_float32_router_math():
     x = jnp.ones((4, 2), jnp.bfloat16)
     w = jnp.array([[1.0, 1.0, -1.0], [0.0, 2.0**-8, 0.0]], jnp.bfloat16)
     cfg = MoEConfig(num_experts=3, top_k=1)
-    router = TopKRouter(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    router = Router(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     out = router.apply({"params": {"kernel": w}}, x, deterministic=True)
     assert out.logits.dtype == jnp.float32 and out.weights.dtype == jnp.float32
     assert out.probs.dtype == jnp.float32
@@ -408,7 +404,7 @@ def test_bf16_input_keeps_float32_router_math():
     xr, wr = _data(12)
     xb, wb = jnp.asarray(xr, jnp.bfloat16), jnp.asarray(wr, jnp.bfloat16)
     cfg = MoEConfig(num_experts=E, top_k=2, score_func="sigmoid")
-    out = TopKRouter(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply(
+    out = Router(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16).apply(
         {"params": {"kernel": wb}}, xb, deterministic=True
     )
     ref = np_topk_router(np.asarray(xb, np.float32), np.asarray(wb, np.float32), cfg)
@@ -420,13 +416,11 @@ def test_bf16_input_keeps_float32_router_math():
 def test_kernel_init_dtype_and_bad_rank():
     cfg = MoEConfig(num_experts=E)
     x = jnp.zeros((T, D), jnp.bfloat16)
-    variables = TopKRouter(cfg, param_dtype=jnp.bfloat16).init(
-        jax.random.key(0), x, deterministic=True
-    )
+    variables = Router(cfg, param_dtype=jnp.bfloat16).init(jax.random.key(0), x, deterministic=True)
     kernel = variables["params"]["kernel"].value
     assert kernel.shape == (D, E) and kernel.dtype == jnp.bfloat16
-    with pytest.raises(ValueError, match=r"TopKRouter expects x of shape \[T, D\]"):
-        TopKRouter(cfg).init(jax.random.key(0), jnp.zeros((2, T, D)), deterministic=True)
+    with pytest.raises(ValueError, match=r"Router expects x of shape \[T, D\]"):
+        Router(cfg).init(jax.random.key(0), jnp.zeros((2, T, D)), deterministic=True)
 
 
 def np_expert_choice(x_TxD, w_DxE, cfg, capacity):
@@ -449,20 +443,28 @@ def np_expert_choice(x_TxD, w_DxE, cfg, capacity):
 def test_expert_choice_matches_numpy(kw, deterministic, capacity):
     cfg = MoEConfig(num_experts=E, router="expert_choice", **kw)
     x, w = _data(13)
-    router = ExpertChoiceRouter(cfg)
+    router = Router(cfg)
     out = router.apply(_variables(w), jnp.asarray(x), deterministic=deterministic)
     ref_w, ref_i, ref_p, ref_l = np_expert_choice(x, w, cfg, capacity)
-    assert out.weights.shape == (E, capacity) and out.token_indices.dtype == jnp.int32
-    np.testing.assert_array_equal(out.token_indices, ref_i)
-    np.testing.assert_allclose(out.weights, ref_w, rtol=1e-5, atol=1e-6)
+    # Token-major: place e of token t holds e iff expert e took t (else the sentinel E).
+    want_idx = np.full((T, E), E)
+    want_w = np.zeros((T, E))
+    for e in range(E):
+        want_idx[ref_i[e], e] = e
+        want_w[ref_i[e], e] = ref_w[e]
+    assert out.weights.shape == (T, E) and out.indices.dtype == jnp.int32
+    np.testing.assert_array_equal(out.indices, want_idx)
+    np.testing.assert_array_equal(out.experts_per_token, (want_idx < E).sum(1))
+    np.testing.assert_allclose(out.weights, want_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.probs, ref_p, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.logits, ref_l, rtol=1e-5, atol=1e-6)
 
     c_ExC = jnp.asarray(np.random.default_rng(14).standard_normal((E, capacity)), jnp.float32)
+    c_TxE = jnp.zeros((T, E)).at[ref_i, jnp.arange(E)[:, None]].set(c_ExC)
 
     def loss(w_DxE, x_TxD):
         o = router.apply(_variables(w_DxE), x_TxD, deterministic=deterministic)
-        return jnp.sum(o.weights * c_ExC)
+        return jnp.sum(o.weights * c_TxE)
 
     def ref_loss(w_DxE, x_TxD):
         logits = x_TxD @ w_DxE
@@ -470,7 +472,7 @@ def test_expert_choice_matches_numpy(kw, deterministic, capacity):
             probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
         else:
             probs = 1.0 / (1.0 + jnp.exp(-logits))
-        picked = jnp.take_along_axis(probs.T, out.token_indices, axis=-1)
+        picked = jnp.take_along_axis(probs.T, jnp.asarray(ref_i), axis=-1)
         return jnp.sum(picked * cfg.routed_scaling_factor * c_ExC)
 
     args = (jnp.asarray(w), jnp.asarray(x))
@@ -486,15 +488,15 @@ def test_expert_choice_rejects_token_choice_features():
         (dict(use_expert_bias=True), "use_expert_bias"),
         (dict(n_groups=2), "n_groups"),
     ]:
-        cfg = MoEConfig(num_experts=E, router="expert_choice", **kw)
         with pytest.raises(ValueError, match=field):
-            ExpertChoiceRouter(cfg).init(jax.random.key(0), x, deterministic=True)
+            cfg = MoEConfig(num_experts=E, router="expert_choice", **kw)
+            Router(cfg).init(jax.random.key(0), x, deterministic=True)
 
 
 def test_expert_choice_jitter_and_init():
     cfg = MoEConfig(num_experts=E, router="expert_choice", jitter_eps=0.1)
     x, _ = _data(15)
-    router = ExpertChoiceRouter(cfg)
+    router = Router(cfg)
     variables = router.init(jax.random.key(0), jnp.asarray(x), deterministic=True)
     assert variables["params"]["kernel"].names == ("embed", "unmodeled")
     with pytest.raises(ValueError, match="'jitter'"):
@@ -515,7 +517,7 @@ def test_router_under_scan_stacks_state_and_stats():
     class Layer(nn.Module):
         @nn.compact
         def __call__(self, x, _):
-            return x, TopKRouter(cfg, name="router")(x, deterministic=False).indices
+            return x, Router(cfg, name="router")(x, deterministic=False).indices
 
     stack = nn.scan(
         Layer,
@@ -541,3 +543,66 @@ def test_router_under_scan_stacks_state_and_stats():
         np.testing.assert_allclose(load_LxE[layer], ref)
     new = update_expert_bias(variables["moe_state"], stats["moe_stats"], 0.5)
     np.testing.assert_array_equal(new["router"]["expert_bias"], 0.5 * np.sign(0.25 - load_LxE))
+
+
+def test_random_router_uniform_distinct_and_repeatable():
+    """router="random": top_k distinct experts per token, uniform over experts, weights from the
+    real scores at the chosen experts; training draws from rng "router", eval is repeatable."""
+    cfg = MoEConfig(num_experts=E, top_k=2, router="random", norm_topk_prob=False)
+    x, w = _data(21, t=4000)
+    router = Router(cfg)
+    variables = _variables(w)
+    with pytest.raises(ValueError, match="'router'"):
+        router.apply(variables, jnp.asarray(x), deterministic=False)
+    a = router.apply(
+        variables, jnp.asarray(x), deterministic=False, rngs={"router": jax.random.key(0)}
+    )
+    b = router.apply(
+        variables, jnp.asarray(x), deterministic=False, rngs={"router": jax.random.key(1)}
+    )
+    idx = np.asarray(a.indices)
+    assert idx.shape == (4000, 2) and np.all(idx[:, 0] != idx[:, 1])
+    assert not np.array_equal(idx, np.asarray(b.indices))
+    counts = np.bincount(idx.ravel(), minlength=E) / idx.size
+    np.testing.assert_allclose(counts, 1 / E, atol=0.02)  # 8000 draws: sd ~ 0.004
+    # Selection ignores the logits; weights are the scores of the chosen experts.
+    probs = _np_scores(x.astype(np.float64) @ w, "softmax")
+    np.testing.assert_allclose(a.weights, np.take_along_axis(probs, idx, 1), rtol=1e-5)
+    e1 = router.apply(variables, jnp.asarray(x), deterministic=True)
+    e2 = router.apply(variables, jnp.asarray(x), deterministic=True)
+    np.testing.assert_array_equal(e1.indices, e2.indices)
+    with pytest.raises(ValueError, match="use_expert_bias"):
+        MoEConfig(num_experts=E, router="random", use_expert_bias=True)
+
+
+@pytest.mark.parametrize("rule", ["sign", "centered_sign", "proportional"])
+def test_bias_update_rules_match_numpy(rule):
+    load = np.array([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.3, 0.2]], np.float32)
+    bias = np.array([[0.0, 0.1, -0.1, 0.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    mean = load.mean(-1, keepdims=True)
+    if rule == "sign":
+        step = np.sign(mean - load)
+    elif rule == "centered_sign":
+        step = np.sign(mean - load) - np.sign(mean - load).mean(-1, keepdims=True)
+    else:
+        step = (mean - load) / mean
+    new = update_expert_bias({"expert_bias": bias}, {"expert_load": load}, 0.01, rule)
+    np.testing.assert_allclose(new["expert_bias"], bias + 0.01 * step, rtol=1e-6, atol=1e-8)
+    if rule == "centered_sign":  # the biases keep their sum
+        np.testing.assert_allclose(new["expert_bias"].sum(-1), bias.sum(-1), atol=1e-7)
+
+
+def test_bias_update_schedule_inv_sqrt():
+    from moejax.layers import ModelConfig
+    from moejax.train.step import bias_update_rate
+
+    moe = MoEConfig(num_experts=E, use_expert_bias=True, bias_update_schedule="inv_sqrt")
+    update = bias_update_rate(ModelConfig(moe=moe))
+    rates = [float(update.rate_at(jnp.asarray(t))) for t in (0, 3, 99)]
+    np.testing.assert_allclose(rates, [1e-3, 1e-3 / 2, 1e-3 / 10], rtol=1e-6)
+    constant = bias_update_rate(
+        ModelConfig(moe=dataclasses.replace(moe, bias_update_schedule="constant"))
+    )
+    assert float(constant.rate_at(jnp.asarray(99))) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="bias_update"):
+        MoEConfig(num_experts=E, bias_update="exp")

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from moejax.layers import ModelConfig, MoEConfig, Transformer
+from moejax.layers import ModelConfig, MoEConfig, MoEExecution, Transformer
 from moejax.sharding import logical_shardings, make_mesh, sharding_context, unbox
 from moejax.train.state import create_train_state
 from moejax.train.step import jit_train_step
@@ -45,10 +45,12 @@ def _model_cfg(expert_parallel: str = "none") -> ModelConfig:
         num_experts=E,
         top_k=2,
         d_ff=8,
-        gmm_tile=8,
         num_shared_experts=1,
-        expert_parallel=expert_parallel,
-        ep_capacity_factor=float(E),  # a bound that always holds: all_to_all is exact
+        execution=MoEExecution(
+            gmm_tile=8,
+            expert_parallel=expert_parallel,
+            ep_capacity_factor=float(E),  # a bound that always holds: all_to_all is exact
+        ),
     )
     return ModelConfig(
         vocab_size=V,

@@ -53,7 +53,8 @@ def tiny_config(steps=6):
     """configs/tiny.py shrunk to seconds: D32, 2 layers, 4 experts, L16, batch 8."""
     c = load_config()
     c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=64, max_len=64)
-    c.moe.update(num_experts=4, top_k=2, d_ff=32, gmm_tile=16)
+    c.moe.update(num_experts=4, top_k=2, d_ff=32)
+    c.moe.execution.gmm_tile = 16
     c.data.max_files = 40
     c.train.update(
         steps=steps,

@@ -1,7 +1,9 @@
 """Typed, frozen configuration for the layers.
 
 Layers take these dataclasses, never an ml_collections ConfigDict: `moejax.train` converts a
-config file's `model`/`moe` sections with `model_config_from_dict`. Every field is validated once,
+config file's `model`/`moe` sections with `model_config_from_dict`. The dataclasses are the single
+source of the fields, their library defaults and their meaning (`metadata["help"]`); the config
+sections are derived from them (`moejax.train.config_defaults`). Every field is validated once,
 at construction, and a bad value raises `ValueError` naming the field and the allowed values.
 """
 
@@ -13,11 +15,18 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "silu")
+from moejax.activations import ACTIVATIONS
+from moejax.moe.plans import PLANS
+from moejax.moe.routing import ROUTERS as ROUTER_TABLE
+from moejax.moe.routing import router_spec
+
 SCORE_FUNCS = ("softmax", "sigmoid")
-ROUTERS = ("topk", "expert_choice")
-DISPATCHES = ("dropless", "capacity")
-DROP_POLICIES = ("position", "probs")
+# The router and dispatch tables of moejax.moe are the source of the allowed names.
+ROUTERS = tuple(ROUTER_TABLE)
+DISPATCHES = tuple(PLANS)
+DROP_POLICIES = ("position", "probs", "random")
+BIAS_UPDATES = ("sign", "centered_sign", "proportional")
+BIAS_SCHEDULES = ("constant", "inv_sqrt")
 LOAD_BALANCE_TYPES = ("global", "sequence")
 EXPERT_PARALLEL = ("none", "all_to_all", "all_gather")
 GMM_BACKENDS = ("auto", "xla", "triton", "mosaic", "ragged_dot")
@@ -25,6 +34,11 @@ REMAT_POLICIES = ("none", "full", "dots")
 QK_NORMS = ("none", "head", "full")
 ATTENTIONS = ("gqa", "mla")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _field(default: Any, doc: str) -> Any:
+    """A dataclass field whose meaning, units and choices are its `metadata["help"]`."""
+    return dataclasses.field(default=default, metadata={"help": doc})
 
 
 def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
@@ -36,6 +50,11 @@ def _check_choice(cls: str, field: str, value: Any, choices: tuple[str, ...]) ->
         _fail(cls, field, value, f"allowed values are {', '.join(map(repr, choices))}")
 
 
+def _check_int(cls: str, field: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(cls, field, value, "must be an integer >= 1")
+
+
 def _check_positive(cls: str, field: str, value: Any, *, allow_zero: bool = False) -> None:
     ok = isinstance(value, int | float) and (value >= 0 if allow_zero else value > 0)
     if not ok:
@@ -43,90 +62,174 @@ def _check_positive(cls: str, field: str, value: Any, *, allow_zero: bool = Fals
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEExecution:
+    """How an MoE block runs: kernels and expert parallelism. None of it changes the model.
+
+    Each field's `metadata["help"]` says what it means (the config section `moe.execution` is
+    derived from these fields).
+    """
+
+    gmm_backend: str = _field(
+        "auto",
+        "backend for `moejax.pallas.gmm` (see that function): 'auto' (Triton on GPU, Mosaic on "
+        "TPU, 'xla' elsewhere), 'xla', 'triton', 'mosaic' or 'ragged_dot'",
+    )
+    gmm_tile: int = _field(
+        256, "row tile of the XLA grouped matmul / padding granularity of the dropless layout"
+    )
+    gmm_interpret: bool | None = _field(
+        None,
+        "run the Pallas gmm kernels in interpret mode; None = interpret on a CPU host (an "
+        "ahead-of-time compile for an accelerator sets False)",
+    )
+    expert_parallel: str = _field(
+        "none",
+        "expert-parallel strategy inside shard_map when a mesh with an `expert` axis is active: "
+        "'none', 'all_to_all' or 'all_gather'",
+    )
+    ep_capacity_factor: float = _field(
+        2.0, "all_to_all send-buffer bound, as a multiple of the balanced load"
+    )
+
+    def __post_init__(self):
+        c = "MoEExecution"
+        _check_choice(c, "gmm_backend", self.gmm_backend, GMM_BACKENDS)
+        _check_int(c, "gmm_tile", self.gmm_tile)
+        if not (self.gmm_interpret is None or isinstance(self.gmm_interpret, bool)):
+            _fail(c, "gmm_interpret", self.gmm_interpret, "allowed values are None, True, False")
+        _check_choice(c, "expert_parallel", self.expert_parallel, EXPERT_PARALLEL)
+        _check_positive(c, "ep_capacity_factor", self.ep_capacity_factor)
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """One MoE feed-forward block: router, experts, dispatch, balancing.
 
-    Attributes:
-      num_experts: routed experts E.
-      top_k: experts per token K (token-choice routing); 1 <= top_k <= num_experts.
-      d_ff: hidden size F of each routed expert.
-      activation: expert MLP type; "swiglu"/"geglu" are gated (wi_gate, wi_up, wo), the others
-        use wi_up and wo only.
-      router: "topk" (token choice) or "expert_choice" (each expert takes its top-C tokens).
-      score_func: "softmax" or "sigmoid" over the router logits, always computed in float32.
-      norm_topk_prob: renormalise the K selected weights to sum to 1.
-      routed_scaling_factor: multiplies the routed weights (DeepSeek-V3 uses 2.5).
-      n_groups: expert groups for group-limited top-k (DeepSeek-V3); 1 disables it.
-      topk_groups: groups kept per token; experts outside them are not selectable.
-      use_expert_bias: aux-loss-free balancing bias in collection `moe_state` (selection only).
-      bias_update_rate: step size u of the bias update b += u * sign(mean_load - load).
-      jitter_eps: multiplicative jitter on router inputs, uniform in [1-eps, 1+eps], train only.
-      dispatch: "dropless" (sort + grouped matmul) or "capacity" (per-expert buffers).
-      capacity_factor: train-time capacity factor; capacity = ceil(T * K / E * factor).
-      eval_capacity_factor: capacity factor used when `deterministic=True`.
-      min_capacity: lower bound on the per-expert capacity.
-      drop_policy: which assignments an over-full expert keeps: "position" (earliest tokens
-        first) or "probs" (highest router weight first).
-      load_balance_type: switch loss over the whole batch ("global") or per sequence, averaged.
-      load_balance_coef: weight of the load-balance loss in `aux["aux_loss"]`.
-      router_z_coef: weight of the router z-loss in `aux["aux_loss"]`.
-      num_shared_experts: always-on experts added to the routed output.
-      shared_d_ff: hidden size of the shared expert MLP (all shared experts fused into one);
-        None means num_shared_experts * d_ff.
-      shared_expert_gate: Qwen2-MoE style sigmoid gate (x @ w, one scalar per token) on the
-        shared output.
-      expert_parallel: expert-parallel strategy inside shard_map when a mesh with an `expert`
-        axis is active: "none", "all_to_all" or "all_gather".
-      ep_capacity_factor: all_to_all send-buffer bound, as a multiple of the balanced load.
-      gmm_backend: backend for `moejax.pallas.gmm` (see that function).
-      gmm_tile: row tile of the XLA grouped matmul / padding granularity of the dropless layout.
+    Each field's `metadata["help"]` says what it means, in which units (the config section `moe`
+    is derived from these fields); `execution` holds how the block runs, not what it computes.
     """
 
-    num_experts: int = 8
-    top_k: int = 2
-    d_ff: int = 1024
-    activation: str = "swiglu"
-    router: str = "topk"
-    score_func: str = "softmax"
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
-    n_groups: int = 1
-    topk_groups: int = 1
-    use_expert_bias: bool = False
-    bias_update_rate: float = 1e-3
-    jitter_eps: float = 0.0
-    dispatch: str = "dropless"
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    drop_policy: str = "position"
-    load_balance_type: str = "global"
-    load_balance_coef: float = 1e-2
-    router_z_coef: float = 1e-3
-    num_shared_experts: int = 0
-    shared_d_ff: int | None = None
-    shared_expert_gate: bool = False
-    expert_parallel: str = "none"
-    ep_capacity_factor: float = 2.0
-    gmm_backend: str = "auto"
-    gmm_tile: int = 256
+    num_experts: int = _field(8, "routed experts E")
+    top_k: int = _field(
+        2,
+        "experts per token K (token-choice routing; expert choice: the average experts per "
+        "token); 1 <= top_k <= num_experts",
+    )
+    d_ff: int = _field(1024, "hidden size F of each routed expert")
+    activation: str = _field(
+        "swiglu",
+        "expert MLP type: 'swiglu'/'geglu' are gated (wi_gate, wi_up, wo), 'gelu', 'relu' and "
+        "'silu' use wi_up and wo only",
+    )
+    router: str = _field(
+        "topk",
+        "a row of the router table (moejax.moe.routing.ROUTERS): 'topk' (token choice), "
+        "'top_p' (dynamic: experts until their cumulative score reaches top_p), "
+        "'expert_choice' (each expert takes its top-C tokens), 'random' (uniform random experts)",
+    )
+    score_func: str = _field(
+        "softmax", "'softmax' or 'sigmoid' over the router logits, always computed in float32"
+    )
+    norm_topk_prob: bool = _field(True, "renormalise the K selected weights to sum to 1")
+    routed_scaling_factor: float = _field(
+        1.0, "multiplies the routed weights (DeepSeek-V3 uses 2.5)"
+    )
+    n_groups: int = _field(1, "expert groups for group-limited top-k (DeepSeek-V3); 1 disables it")
+    topk_groups: int = _field(1, "groups kept per token; experts outside them are not selectable")
+    use_expert_bias: bool = _field(
+        False, "aux-loss-free balancing bias in collection `moe_state` (selection only)"
+    )
+    bias_update_rate: float = _field(
+        1e-3, "step size u of the bias update b += u * step(load) (see bias_update)"
+    )
+    bias_update: str = _field(
+        "sign",
+        "the bias update's step: 'sign' (DeepSeek-V3: sign(mean_load - load)), "
+        "'centered_sign' (that minus its mean: the biases keep a zero sum) or 'proportional' "
+        "((mean_load - load) / mean_load)",
+    )
+    bias_update_schedule: str = _field(
+        "constant",
+        "step size over training: 'constant' (u) or 'inv_sqrt' (u / sqrt(t) at optimizer step t)",
+    )
+    jitter_eps: float = _field(
+        0.0, "multiplicative jitter on router inputs, uniform in [1-eps, 1+eps], train only"
+    )
+    dispatch: str = _field(
+        "dropless", "'dropless' (sort + grouped matmul) or 'capacity' (per-expert buffers)"
+    )
+    capacity_factor: float = _field(
+        1.25, "train-time capacity factor; capacity = ceil(T * K / E * factor)"
+    )
+    eval_capacity_factor: float = _field(2.0, "capacity factor used when `deterministic=True`")
+    min_capacity: int = _field(4, "lower bound on the per-expert capacity")
+    drop_policy: str = _field(
+        "position",
+        "which assignments an over-full expert keeps: 'position' (earliest tokens first), "
+        "'probs' (highest router weight first) or 'random' (a uniformly random subset in "
+        "training, DeepSpeed's random token selection; 'position' in evaluation; rng stream "
+        "'router')",
+    )
+    load_balance_type: str = _field(
+        "global",
+        "switch loss over the whole batch ('global') or per sequence ('sequence'), averaged",
+    )
+    load_balance_coef: float = _field(1e-2, "weight of the load-balance loss in `aux['aux_loss']`")
+    router_z_coef: float = _field(1e-3, "weight of the router z-loss in `aux['aux_loss']`")
+    router_entropy_coef: float = _field(
+        0.0,
+        "weight of the routing-entropy term (mean over tokens of -sum p log p of the router "
+        "scores) in `aux['aux_loss']` (top-p routing's paper uses it to keep routing decisive)",
+    )
+    num_null_experts: int = _field(
+        0,
+        "null experts m (AdaMoE, router='topk'): top-k runs over E + m places; a null pick "
+        "computes nothing, so a token uses 0..top_k experts. Their router weights are the "
+        "parameter router/null_kernel [D, m]",
+    )
+    top_p: float = _field(
+        0.4,
+        "router='top_p': each token keeps its best experts until their cumulative score "
+        "reaches top_p (the expert that crosses it is kept), in (0, 1]",
+    )
+    max_k: int = _field(
+        4, "router='top_p': static bound on the experts a token may keep, <= num_experts"
+    )
+    num_shared_experts: int = _field(0, "always-on experts added to the routed output")
+    shared_d_ff: int | None = _field(
+        None,
+        "hidden size of the shared expert MLP (all shared experts fused into one); None means "
+        "num_shared_experts * d_ff",
+    )
+    shared_expert_gate: bool = _field(
+        False,
+        "Qwen2-MoE style sigmoid gate (x @ w, one scalar per token) on the shared output",
+    )
+    execution: MoEExecution = _field(
+        MoEExecution(), "how the block runs (kernels, expert parallelism), not what it computes"
+    )
 
     def __post_init__(self):
         c = "MoEConfig"
-        for name in ("num_experts", "top_k", "d_ff", "n_groups", "topk_groups", "gmm_tile"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                _fail(c, name, v, "must be an integer >= 1")
+        for name in ("num_experts", "top_k", "d_ff", "n_groups", "topk_groups"):
+            _check_int(c, name, getattr(self, name))
         if self.top_k > self.num_experts:
             _fail(c, "top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
         _check_choice(c, "activation", self.activation, ACTIVATIONS)
+        _check_int(c, "max_k", self.max_k)
+        if not isinstance(self.num_null_experts, int) or self.num_null_experts < 0:
+            _fail(c, "num_null_experts", self.num_null_experts, "must be an integer >= 0")
+        if not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
+            _fail(c, "top_p", self.top_p, "must be in (0, 1]")
+        _check_positive(c, "router_entropy_coef", self.router_entropy_coef, allow_zero=True)
         _check_choice(c, "router", self.router, ROUTERS)
+        router_spec(self.router).validate(self)
         _check_choice(c, "score_func", self.score_func, SCORE_FUNCS)
         _check_choice(c, "dispatch", self.dispatch, DISPATCHES)
         _check_choice(c, "drop_policy", self.drop_policy, DROP_POLICIES)
+        _check_choice(c, "bias_update", self.bias_update, BIAS_UPDATES)
+        _check_choice(c, "bias_update_schedule", self.bias_update_schedule, BIAS_SCHEDULES)
         _check_choice(c, "load_balance_type", self.load_balance_type, LOAD_BALANCE_TYPES)
-        _check_choice(c, "expert_parallel", self.expert_parallel, EXPERT_PARALLEL)
-        _check_choice(c, "gmm_backend", self.gmm_backend, GMM_BACKENDS)
         if self.num_experts % self.n_groups:
             _fail(c, "n_groups", self.n_groups, f"must divide num_experts={self.num_experts}")
         if self.topk_groups > self.n_groups:
@@ -136,7 +239,6 @@ class MoEConfig:
             _fail(c, "top_k", self.top_k, "must be <= topk_groups * experts per group")
         _check_positive(c, "capacity_factor", self.capacity_factor)
         _check_positive(c, "eval_capacity_factor", self.eval_capacity_factor)
-        _check_positive(c, "ep_capacity_factor", self.ep_capacity_factor)
         _check_positive(c, "routed_scaling_factor", self.routed_scaling_factor)
         _check_positive(c, "min_capacity", self.min_capacity, allow_zero=True)
         _check_positive(c, "bias_update_rate", self.bias_update_rate, allow_zero=True)
@@ -149,6 +251,8 @@ class MoEConfig:
             _fail(c, "shared_d_ff", self.shared_d_ff, "must be None or an integer >= 1")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             _fail(c, "shared_expert_gate", True, "needs num_shared_experts >= 1")
+        if not isinstance(self.execution, MoEExecution):
+            _fail(c, "execution", type(self.execution).__name__, "must be a MoEExecution")
 
     @property
     def gated(self) -> bool:
@@ -175,57 +279,63 @@ class ModelConfig:
     (i - first_dense_layers) % moe_every == moe_every - 1 (Qwen2-MoE's `decoder_sparse_step`,
     DeepSeek's `first_k_dense_replace`); the other layers use a dense FFN of width d_ff.
 
-    Attributes:
-      vocab_size: tokens V (256 for the byte-level default corpus).
-      d_model: residual width D.
-      num_layers: decoder layers.
-      num_heads / num_kv_heads: query heads and key/value heads (GQA; equal = MHA).
-      head_dim: per-head width; None means d_model // num_heads.
-      d_ff: hidden size of the dense FFN layers.
-      dense_activation: activation of the dense FFN (same choices as MoEConfig.activation).
-      max_len: longest sequence (RoPE tables, KV cache).
-      rope_theta: RoPE base.
-      norm_eps: RMSNorm epsilon.
-      qk_norm: RMSNorm on queries and keys: "none", "head" (per head, Qwen3-MoE) or "full"
-        (over all heads' features, OLMoE).
-      qkv_bias: bias on the q/k/v projections (Qwen2-MoE).
-      attention: "gqa" or "mla" (DeepSeek-V3 multi-head latent attention).
-      q_lora_rank / kv_lora_rank / qk_nope_head_dim / qk_rope_head_dim / v_head_dim: MLA sizes.
-      tie_embeddings: output projection = embedding transposed.
-      moe: the MoE block config, or None for a dense model.
-      moe_every / first_dense_layers: where the MoE layers are (see above).
-      dtype: compute dtype; param_dtype: storage dtype of the parameters.
-      remat: activation checkpointing per layer: "none", "full" or "dots" (save matmul outputs).
-      scan_layers: run identical layers with nn.scan (compile time flat in depth).
+    Each field's `metadata["help"]` says what it means, in which units (the config section
+    `model` is derived from these fields; `moe` is the config section of the same name).
     """
 
-    vocab_size: int = 256
-    d_model: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int | None = None
-    d_ff: int = 512
-    dense_activation: str = "swiglu"
-    max_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    qk_norm: str = "none"
-    qkv_bias: bool = False
-    attention: str = "gqa"
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    tie_embeddings: bool = False
-    moe: MoEConfig | None = dataclasses.field(default_factory=MoEConfig)
-    moe_every: int = 1
-    first_dense_layers: int = 0
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: str = "none"
-    scan_layers: bool = True
+    vocab_size: int = _field(
+        256, "tokens V (256 for the byte-level default corpus: every byte is a token)"
+    )
+    d_model: int = _field(128, "residual width D")
+    num_layers: int = _field(4, "decoder layers")
+    num_heads: int = _field(4, "query heads")
+    num_kv_heads: int = _field(
+        2, "key/value heads (GQA: num_heads / num_kv_heads query heads share one; equal = MHA)"
+    )
+    head_dim: int | None = _field(None, "per-head width; None means d_model // num_heads")
+    d_ff: int = _field(512, "hidden size of the dense FFN layers (only used by dense layers)")
+    dense_activation: str = _field(
+        "swiglu", "activation of the dense FFN (same choices as MoEConfig.activation)"
+    )
+    max_len: int = _field(512, "longest sequence (RoPE tables, KV cache)")
+    rope_theta: float = _field(10000.0, "RoPE base")
+    norm_eps: float = _field(1e-6, "RMSNorm epsilon")
+    qk_norm: str = _field(
+        "none",
+        "RMSNorm on queries and keys: 'none', 'head' (per head, Qwen3-MoE) or 'full' (over all "
+        "heads' features, OLMoE)",
+    )
+    qkv_bias: bool = _field(False, "bias on the q/k/v projections (Qwen2-MoE)")
+    attention: str = _field("gqa", "'gqa' or 'mla' (DeepSeek-V3 multi-head latent attention)")
+    q_lora_rank: int | None = _field(
+        None, "MLA query low-rank latent width; None = a plain query projection"
+    )
+    kv_lora_rank: int = _field(512, "MLA key/value compression rank")
+    qk_nope_head_dim: int = _field(128, "MLA per-head query/key width without RoPE")
+    qk_rope_head_dim: int = _field(64, "MLA per-head query/key width with RoPE")
+    v_head_dim: int = _field(128, "MLA per-head value width")
+    tie_embeddings: bool = _field(False, "output projection = embedding transposed")
+    moe: MoEConfig | None = dataclasses.field(
+        default_factory=MoEConfig,
+        metadata={"help": "the MoE block config, or None for a dense model"},
+    )
+    moe_every: int = _field(1, "an MoE layer every moe_every layers (see above)")
+    first_dense_layers: int = _field(
+        0, "leading dense layers before the MoE ones (DeepSeek first_k_dense_replace)"
+    )
+    dtype: str = _field(
+        "float32", "compute dtype: 'float32', 'bfloat16' (bf16 compute on accelerators), 'float16'"
+    )
+    param_dtype: str = _field(
+        "float32", "storage dtype of the parameters (and of the AdamW moments); keep float32"
+    )
+    remat: str = _field(
+        "none",
+        "activation checkpointing per layer: 'none', 'full' or 'dots' (save matmul outputs)",
+    )
+    scan_layers: bool = _field(
+        True, "run identical layers with nn.scan (compile time flat in depth)"
+    )
 
     def __post_init__(self):
         c = "ModelConfig"
@@ -239,9 +349,7 @@ class ModelConfig:
             "max_len",
             "moe_every",
         ):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                _fail(c, name, v, "must be an integer >= 1")
+            _check_int(c, name, getattr(self, name))
         if self.num_heads % self.num_kv_heads:
             _fail(c, "num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
         if self.head_dim is None and self.d_model % self.num_heads:
@@ -305,8 +413,14 @@ def _from_mapping(cls, values: Mapping[str, Any]):
 
 
 def moe_config_from_dict(values: Mapping[str, Any]) -> MoEConfig:
-    """MoEConfig from a plain mapping (e.g. `config.moe.to_dict()`); unknown keys are an error."""
-    return _from_mapping(MoEConfig, dict(values))
+    """MoEConfig from a plain mapping (e.g. `config.moe.to_dict()`); unknown keys are an error.
+
+    A nested `execution` mapping becomes the MoEExecution (absent = its defaults).
+    """
+    values = dict(values)
+    if isinstance(values.get("execution"), Mapping):
+        values["execution"] = _from_mapping(MoEExecution, dict(values["execution"]))
+    return _from_mapping(MoEConfig, values)
 
 
 def model_config_from_dict(model: Mapping[str, Any], moe: Mapping[str, Any] | None) -> ModelConfig:

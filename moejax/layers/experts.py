@@ -1,21 +1,11 @@
-"""The routed experts of an MoE block: their weights and the choice of dispatch path.
+"""The routed experts of an MoE block: their weights, run through the moejax.moe pipeline.
 
-Legend: T tokens, D model width, F expert hidden width, E experts, K choices per token,
-C capacity.
+`Experts` owns the three expert weights and hands them, with the tokens and the router's
+`Routing`, to `moejax.moe.routed_ffn` (plan -> run experts -> combine on one device or under
+GSPMD) or, when cfg.execution.expert_parallel is set, to `moejax.moe.expert_parallel_ffn`, the
+same local pipeline inside shard_map.
 
-Expert parallelism: when cfg.expert_parallel != "none", `Experts` hands its inputs to
-
-    moejax.sharding.expert_parallel.expert_parallel_ffn(
-        x_TxD, routing, wi_gate_ExDxF, wi_up_ExDxF, wo_ExFxD, cfg, *, capacity
-    ) -> (y_TxD float32, dropped_fraction float32 scalar)
-
-with x_TxD in the compute dtype, `routing` the router's RouterOutput (token choice) or
-ExpertChoiceOutput, the three weights as global (logically sharded) arrays in the compute dtype
-(wi_gate_ExDxF is None for non-gated activations), and `capacity` = cfg.capacity(T, train=not
-deterministic), the per-expert slots for cfg.dispatch == "capacity" and expert choice. It must
-return exactly what the local path below returns; inside its shard_map it can reuse
-moejax.layers.dispatch (dropless_ffn, capacity_ffn, sort_by_expert, gather_rows,
-grouped_expert_mlp, combine_rows), which are pure functions of arrays and cfg.
+Legend: T tokens, D model width, F expert hidden width, E experts, C capacity.
 """
 
 from __future__ import annotations
@@ -27,9 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers import dispatch
 from moejax.layers.config import MoEConfig
-from moejax.layers.router import ExpertChoiceOutput, RouterOutput
+from moejax.moe import (
+    ExpertWeights,
+    Routing,
+    block_capacity,
+    dispatch_kind,
+    expert_parallel_ffn,
+    routed_ffn,
+)
 
 # fan-in scaling per expert: the expert axis is a batch axis, not part of the fan.
 expert_kernel_init = nn.initializers.variance_scaling(
@@ -48,7 +44,7 @@ class Experts(nn.Module):
     axes ("exp", "embed_moe", "mlp_moe") / ("exp", "mlp_moe", "embed_moe").
 
     Attributes:
-      cfg: the MoE block config (num_experts, d_ff, activation, dispatch, capacity, backend).
+      cfg: the MoE block config (num_experts, d_ff, activation, dispatch, capacity, execution).
       dtype: compute dtype; param_dtype: storage dtype of the weights.
       kernel_init: initializer of the three weights.
     """
@@ -60,23 +56,19 @@ class Experts(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x_TxD: jax.Array,
-        routing: RouterOutput | ExpertChoiceOutput,
-        *,
-        deterministic: bool,
+        self, x_TxD: jax.Array, routing: Routing, *, deterministic: bool
     ) -> tuple[jax.Array, jax.Array]:
         """Runs the routed tokens through their experts and combines them.
 
         Args:
           x_TxD: tokens.
-          routing: RouterOutput (weights/indices [T, K]) or ExpertChoiceOutput ([E, C]).
-          deterministic: selects the eval capacity factor (capacity dispatch).
+          routing: the Router's decision.
+          deterministic: selects the eval capacity factor (capacity dispatch, expert choice).
 
         Returns:
           y_TxD: float32 weighted sum of each token's expert outputs (zeros if all dropped).
-          dropped_fraction: float32 scalar, assignments (token choice) or tokens (expert choice)
-            that no expert processed.
+          dropped_fraction: float32 scalar, routed assignments (token choice) or tokens (expert
+            choice) that no expert processed.
         """
         cfg = self.cfg
         num_tokens, d_model = x_TxD.shape
@@ -89,41 +81,24 @@ class Experts(nn.Module):
             wi_gate = wi_gate.astype(self.dtype)
         wi_up = self.param("wi_up", in_init, (e, d_model, f), self.param_dtype).astype(self.dtype)
         wo = self.param("wo", out_init, (e, f, d_model), self.param_dtype).astype(self.dtype)
+        experts = ExpertWeights(wi_gate, wi_up, wo)
         x_TxD = x_TxD.astype(self.dtype)
-        capacity = cfg.capacity(num_tokens, train=not deterministic)
+        capacity = block_capacity(cfg, num_tokens, train=not deterministic)
+        key = None
+        if cfg.drop_policy == "random" and dispatch_kind(cfg) == "capacity" and not deterministic:
+            if not self.has_rng("router"):
+                raise ValueError(
+                    "Experts: drop_policy='random' with deterministic=False needs an rng stream "
+                    "'router', e.g. apply(..., rngs={'router': key})"
+                )
+            key = self.make_rng("router")
 
-        if cfg.expert_parallel != "none":
-            from moejax.sharding.expert_parallel import expert_parallel_ffn
-
-            return expert_parallel_ffn(x_TxD, routing, wi_gate, wi_up, wo, cfg, capacity=capacity)
+        if cfg.execution.expert_parallel != "none":
+            return expert_parallel_ffn(x_TxD, routing, experts, cfg, capacity=capacity, key=key)
 
         def constrain(buf_ExCxD):
             return nn.with_logical_constraint(buf_ExCxD, BUFFER_AXES)
 
-        if isinstance(routing, ExpertChoiceOutput):
-            return dispatch.expert_choice_ffn(
-                x_TxD,
-                routing.weights,
-                routing.token_indices,
-                wi_gate,
-                wi_up,
-                wo,
-                cfg,
-                buffer_constraint=constrain,
-            )
-        if cfg.dispatch == "capacity":
-            return dispatch.capacity_ffn(
-                x_TxD,
-                routing.weights,
-                routing.indices,
-                wi_gate,
-                wi_up,
-                wo,
-                cfg,
-                capacity=capacity,
-                buffer_constraint=constrain,
-            )
-        y_TxD = dispatch.dropless_ffn(
-            x_TxD, routing.weights, routing.indices, wi_gate, wi_up, wo, cfg
+        return routed_ffn(
+            x_TxD, routing, experts, cfg, capacity=capacity, buffer_constraint=constrain, key=key
         )
-        return y_TxD, jnp.zeros((), jnp.float32)

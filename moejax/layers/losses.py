@@ -34,7 +34,8 @@ def expert_load(indices_TxK: jax.Array, num_experts: int) -> jax.Array:
     """Fraction of the routed assignments that each expert received.
 
     Args:
-      indices_TxK: int expert ids of any shape [..., K]; every entry is one assignment.
+      indices_TxK: int expert ids of any shape [..., K]; every entry in [0, E) is one
+        assignment, the sentinel E ("no expert") is none.
       num_experts: E.
 
     Returns:
@@ -44,7 +45,7 @@ def expert_load(indices_TxK: jax.Array, num_experts: int) -> jax.Array:
     if not jnp.issubdtype(indices_TxK.dtype, jnp.integer):
         raise ValueError(f"indices must be an integer array, got dtype {indices_TxK.dtype}")
     counts_E = jax.nn.one_hot(indices_TxK.reshape(-1), num_experts, dtype=jnp.float32).sum(0)
-    return counts_E / max(indices_TxK.size, 1)
+    return counts_E / jnp.maximum(counts_E.sum(), 1.0)
 
 
 def load_balance_loss(
@@ -59,7 +60,7 @@ def load_balance_loss(
     Args:
       probs_BxLxE: router scores (softmax or sigmoid, unbiased); each token's row is normalised
         to sum to 1 before averaging, as DeepSeek-V3 does for sigmoid scores.
-      indices_BxLxK: int experts selected for each token.
+      indices_BxLxK: int experts selected for each token (entries >= num_experts: none).
       num_experts: E (must equal probs_BxLxE.shape[-1]).
       per_sequence: False: f and P over all B * L tokens. True: f and P per sequence, the loss
         averaged over B (DeepSeek's sequence-wise balance loss).
@@ -80,12 +81,14 @@ def load_balance_loss(
         )
     if not jnp.issubdtype(indices_BxLxK.dtype, jnp.integer):
         raise ValueError(f"indices must be an integer array, got dtype {indices_BxLxK.dtype}")
-    top_k = indices_BxLxK.shape[-1]
     p_BxLxE = _normalise(probs_BxLxE)
+    # Indices >= num_experts ("no expert": unused top-p places) are not assignments.
     counts_BxLxE = jax.nn.one_hot(indices_BxLxK, num_experts, dtype=jnp.float32).sum(axis=2)
     axes = (1,) if per_sequence else (0, 1)
-    # f: fraction of assignments (mean over tokens of counts, divided by K); P: mean probability.
-    f_xE = counts_BxLxE.mean(axis=axes) / top_k
+    # f: fraction of assignments (mean over tokens of counts, divided by the mean number of
+    # assignments per token: exactly K for top-k); P: mean probability.
+    per_token_x1 = counts_BxLxE.sum(axis=-1).mean(axis=axes)[..., None]
+    f_xE = counts_BxLxE.mean(axis=axes) / jnp.maximum(per_token_x1, 1e-9)
     p_xE = p_BxLxE.mean(axis=axes)
     return num_experts * jnp.mean(jnp.sum(f_xE * p_xE, axis=-1))
 

@@ -1,4 +1,4 @@
-"""Dense feed-forward block and the activation table shared with the experts.
+"""Dense feed-forward block (its activations come from moejax.activations, shared with the experts).
 
 Legend: B batch, L length, D model width, F hidden width.
 """
@@ -11,32 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.config import ACTIVATIONS
+from moejax.activations import GATED, activation_fn, mlp_hidden
 
-GATED = ("swiglu", "geglu")
-
-
-def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The elementwise nonlinearity of an MLP type (the gate's, for gated types)."""
-    if name in ("swiglu", "silu"):
-        return jax.nn.silu
-    if name in ("geglu", "gelu"):
-        # tanh approximation: what Mixtral-era GeGLU/GELU checkpoints (gelu_pytorch_tanh) use.
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "relu":
-        return jax.nn.relu
-    raise ValueError(f"activation={name!r} is invalid: allowed values are {ACTIVATIONS}")
-
-
-def mlp_hidden(
-    x: jax.Array, wi_gate: jax.Array | None, wi_up: jax.Array, activation: str
-) -> jax.Array:
-    """act(x @ wi_gate) * (x @ wi_up) for gated types, act(x @ wi_up) otherwise."""
-    act = activation_fn(activation)
-    up = x @ wi_up
-    if activation in GATED:
-        return act(x @ wi_gate) * up
-    return act(up)
+__all__ = ["GATED", "MLP", "activation_fn", "mlp_hidden"]
 
 
 class MLP(nn.Module):

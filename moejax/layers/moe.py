@@ -15,26 +15,29 @@ from moejax.layers import losses
 from moejax.layers.config import MoEConfig
 from moejax.layers.experts import Experts
 from moejax.layers.mlp import MLP
-from moejax.layers.router import ExpertChoiceRouter, TopKRouter
+from moejax.layers.router import Router
+from moejax.moe.routing import router_spec
 
 
 class MoE(nn.Module):
     """Mixture-of-Experts FFN: x [B, L, D] -> (y [B, L, D], aux).
 
-    Submodules: `router` (TopKRouter or ExpertChoiceRouter by cfg.router), `experts`
+    Submodules: `router` (Router, any cfg.router of moejax.moe.routing.ROUTERS), `experts`
     (wi_gate/wi_up/wo [E, ...]), `shared` (an MLP of width cfg.shared_hidden, when
     cfg.num_shared_experts > 0) and `shared_gate` (Dense(1, no bias), Qwen2-MoE:
     y += sigmoid(x @ w) * shared(x), when cfg.shared_expert_gate).
 
     aux (all float32):
       load_balance_loss: switch loss E * sum_e f_e P_e, raw (unweighted); global or per
-        sequence (cfg.load_balance_type). 0 for expert choice (balanced by construction).
+        sequence (cfg.load_balance_type). 0 when experts choose (balanced by construction).
       router_z_loss: mean logsumexp(logits)^2, raw.
-      aux_loss: cfg.load_balance_coef * load_balance_loss + cfg.router_z_coef * router_z_loss,
-        what the train step adds to the loss.
+      aux_loss: cfg.load_balance_coef * load_balance_loss + cfg.router_z_coef * router_z_loss
+        + cfg.router_entropy_coef * router_entropy, what the train step adds to the loss.
       expert_load: [E] fraction of the routed assignments each expert received (before drops).
       dropped_fraction: assignments (token choice) or tokens (expert choice) no expert processed.
       router_entropy: mean per-token entropy of the router scores (nats).
+      experts_per_token: mean number of real experts chosen per token.
+      null_fraction: fraction of the routing places that picked a null expert.
 
     Attributes:
       cfg: the MoE block config.
@@ -68,11 +71,9 @@ class MoE(nn.Module):
             )
         b, length, d = x_BxLxD.shape
         x_TxD = nn.with_logical_constraint(x_BxLxD.reshape(b * length, d), ("tokens", "embed_moe"))
-        if cfg.router == "expert_choice":
-            router = ExpertChoiceRouter(cfg, self.dtype, self.param_dtype, name="router")
-        else:
-            router = TopKRouter(cfg, self.dtype, self.param_dtype, name="router")
-        routing = router(x_TxD, deterministic=deterministic)
+        routing = Router(cfg, self.dtype, self.param_dtype, name="router")(
+            x_TxD, deterministic=deterministic
+        )
         experts = Experts(cfg, self.dtype, self.param_dtype, name="experts")
         y_TxD, dropped_fraction = experts(x_TxD, routing, deterministic=deterministic)
         y_TxD = nn.with_logical_constraint(y_TxD, ("tokens", "embed_moe"))
@@ -105,26 +106,38 @@ class MoE(nn.Module):
         )
 
         e = cfg.num_experts
-        if cfg.router == "expert_choice":
+        places = routing.probs.shape[-1]  # E + null experts
+        if not router_spec(cfg.router).token_choice:
             lb = jnp.zeros((), jnp.float32)
             # Every expert fills its C slots: the load is uniform by construction.
             load_E = jnp.full((e,), 1.0 / e, jnp.float32)
         else:
-            k = cfg.top_k
+            k = routing.indices.shape[-1]
+            # Over E + m: null experts take part in the balance (AdaMoE), unused places do not.
             lb = losses.load_balance_loss(
-                routing.probs.reshape(b, length, e),
+                routing.probs.reshape(b, length, places),
                 routing.indices.reshape(b, length, k),
-                num_experts=e,
+                num_experts=places,
                 per_sequence=cfg.load_balance_type == "sequence",
             )
             load_E = losses.expert_load(routing.indices, e)
         z = losses.router_z_loss(routing.logits)
+        entropy = losses.router_entropy(routing.probs)
+        null_fraction = ((routing.indices >= e) & (routing.indices < places)).mean(
+            dtype=jnp.float32
+        )
         aux = {
             "load_balance_loss": lb,
             "router_z_loss": z,
-            "aux_loss": cfg.load_balance_coef * lb + cfg.router_z_coef * z,
+            "aux_loss": (
+                cfg.load_balance_coef * lb
+                + cfg.router_z_coef * z
+                + cfg.router_entropy_coef * entropy
+            ),
             "expert_load": load_E,
             "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
-            "router_entropy": losses.router_entropy(routing.probs),
+            "router_entropy": entropy,
+            "experts_per_token": routing.experts_per_token.mean(dtype=jnp.float32),
+            "null_fraction": null_fraction,
         }
         return y_BxLxD, aux

@@ -74,7 +74,11 @@ AUX_SCALARS = (
     "aux_loss",
     "dropped_fraction",
     "router_entropy",
+    "experts_per_token",
+    "null_fraction",
 )
+# Also reported per MoE layer ([M], key "<name>_layers").
+PER_LAYER = ("experts_per_token", "null_fraction")
 SCANNED_COLLECTIONS = ("params", "moe_state", "moe_stats", "cache")
 
 
@@ -320,7 +324,7 @@ class Transformer(nn.Module):
                 scanned = nn.scan(
                     _unit(cfg, seg.kinds),
                     variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
-                    split_rngs={"params": True, "dropout": True, "jitter": True},
+                    split_rngs={"params": True, "dropout": True, "jitter": True, "router": True},
                     in_axes=(nn.broadcast,),
                     length=seg.repeats,
                     metadata_params={nn.PARTITION_NAME: "layers"},
@@ -362,12 +366,16 @@ class LMHead(nn.Module):
 
 
 def _model_aux(auxes: list[dict]) -> dict:
-    """Mean of each MoE scalar over the MoE layers; expert_load stacked [M, E]."""
+    """Mean of each MoE scalar over the MoE layers; expert_load stacked [M, E]; the PER_LAYER
+    scalars also stacked [M] as `<name>_layers`."""
     per_layer = _concat_aux(auxes)
     if not per_layer:
         aux = {k: jnp.zeros((), jnp.float32) for k in AUX_SCALARS}
         aux["expert_load"] = jnp.zeros((0, 1), jnp.float32)
+        aux.update({f"{k}_layers": jnp.zeros((0,), jnp.float32) for k in PER_LAYER})
         return aux
     aux = {k: jnp.mean(per_layer[k]) for k in AUX_SCALARS}
     aux["expert_load"] = per_layer["expert_load"]
+    for k in PER_LAYER:
+        aux[f"{k}_layers"] = per_layer[k]  # [M]: how adaptive routing spends experts by depth
     return aux

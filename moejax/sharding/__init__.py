@@ -1,4 +1,5 @@
-"""moejax.sharding: device mesh, logical axis rules, sharded init, expert parallelism."""
+"""moejax.sharding: device mesh, logical axis rules, sharded init (expert parallelism, the MoE
+pipeline inside shard_map, lives in moejax.moe.parallel)."""
 
 from moejax.sharding.mesh import MESH_AXES, initialize_distributed, make_mesh, mesh_shape
 from moejax.sharding.partitioning import (

@@ -1,103 +1,76 @@
-"""Default config sections: every field of configs/*.py is defined and commented here, once.
+"""Default config sections: what configs/*.py build their `get_config()` from.
+
+The `model`, `moe` and `moe.execution` sections are derived from the dataclasses
+`moejax.layers.ModelConfig`, `MoEConfig` and `MoEExecution`, the single source of those fields,
+their library defaults and their meaning (each field's `metadata["help"]`): every field is in
+every config file's section, so any can be overridden from the command line. The other sections
+(opt, data, mesh, train) are defined and commented here, once.
 
 Each section comes at the scale of configs/tiny.py (byte-level LM on the embedded corpus, CPU);
-a config file builds its `get_config()` from these and sets only what differs, saying why.
-Sections come back unlocked; fields that may be None are typed placeholders, so command-line
-overrides such as `--config.opt.decay_steps=100` still type-check.
-
-`model_section(*optional, every_field=False)` and `moe_section(...)` list the fields every config
-sets, plus the optional ones a config names (all of them with `every_field=True`, as the reference
-config tiny.py does): a field left out keeps its `moejax.layers.ModelConfig` / `MoEConfig` default
-and cannot be overridden from the command line.
+the few places where that differs from a library default are set below, saying why, and a config
+file sets only what differs from these, saying why. Sections come back unlocked; fields that may
+be None are typed placeholders, so command-line overrides such as `--config.opt.decay_steps=100`
+or `--config.moe.shared_d_ff=256` still type-check.
 """
+
+import dataclasses
+import types
+import typing
+from typing import Any
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from moejax.layers import ModelConfig, MoEConfig
 
-def _with_optional(
-    section: ml_collections.ConfigDict,
-    optional: ml_collections.ConfigDict,
-    names: tuple[str, ...],
-    every_field: bool,
-) -> ml_collections.ConfigDict:
-    """Adds the `names` fields of `optional` (all of them if `every_field`) to `section`."""
-    unknown = sorted(set(names) - set(optional.keys()))
-    if unknown:
-        raise KeyError(f"unknown optional fields {unknown}; allowed: {sorted(optional.keys())}")
-    for name in optional.keys() if every_field else names:
-        # The raw field, so a placeholder stays a typed FieldReference rather than a bare None.
-        section[name] = optional._fields[name]
+
+def _placeholder_type(annotation: Any) -> type:
+    """`int` for `int | None`: the type a None-default field takes when overridden."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        raise TypeError(f"a None default needs an `X | None` annotation, got {annotation!r}")
+    (kind,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return kind
+
+
+def config_section(obj: Any, *, exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """A ConfigDict holding every field of the frozen dataclass instance `obj`, at its value.
+
+    A field holding a dataclass becomes a nested section; a None field a typed placeholder.
+    `moejax.layers.model_config_from_dict` is the inverse.
+
+    Args:
+      obj: e.g. `ModelConfig()` or `MoEConfig(num_experts=16)`.
+      exclude: names of fields left out (ModelConfig's `moe` is a section of its own).
+
+    Returns:
+      An unlocked ConfigDict.
+    """
+    hints = typing.get_type_hints(type(obj))
+    section = ml_collections.ConfigDict()
+    for f in dataclasses.fields(obj):
+        if f.name in exclude:
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            section[f.name] = config_section(value)
+        elif value is None:
+            section[f.name] = placeholder(_placeholder_type(hints[f.name]))
+        else:
+            section[f.name] = value
     return section
 
 
-def model_section(*optional: str, every_field: bool = False) -> ml_collections.ConfigDict:
-    """Decoder LM: moejax.layers.ModelConfig fields, plus those of `_model_optional` named."""
-    model = ml_collections.ConfigDict()
-    model.vocab_size = 256  # byte-level: every byte is a token
-    model.d_model = 128  # residual width D
-    model.num_layers = 4  # decoder layers
-    model.num_heads = 4  # query heads; head_dim = d_model // num_heads = 32
-    model.num_kv_heads = 2  # GQA: 2 query heads share each key/value head
-    model.d_ff = 512  # dense FFN width (only used by dense layers)
-    model.max_len = 256  # longest sequence (RoPE table / KV cache for sampling)
-    model.moe_every = 1  # every layer's FFN is an MoE block
-    model.dtype = "float32"  # compute dtype ("bfloat16" for bf16 compute on accelerators)
-    model.param_dtype = "float32"  # parameter (and AdamW moment) storage dtype (keep float32)
-    model.remat = "none"  # activation checkpointing: "none", "full", "dots"
-    model.scan_layers = True  # nn.scan over layers: compile time flat in depth
-    return _with_optional(model, _model_optional(), optional, every_field)
-
-
-def _model_optional() -> ml_collections.ConfigDict:
-    model = ml_collections.ConfigDict()
-    model.first_dense_layers = 0  # leading dense layers (DeepSeek first_k_dense_replace)
-    model.head_dim = placeholder(int)  # per-head width; None = d_model // num_heads
-    model.dense_activation = "swiglu"  # dense FFN type (dense layers only)
-    model.rope_theta = 10000.0  # RoPE base
-    model.norm_eps = 1e-6  # RMSNorm epsilon
-    model.qk_norm = "none"  # RMSNorm on q/k: "none", "head", "full"
-    model.qkv_bias = False  # bias on the q/k/v projections
-    model.tie_embeddings = False  # separate output projection
+def model_section() -> ml_collections.ConfigDict:
+    """Decoder LM: every moejax.layers.ModelConfig field (but `moe`, a section of its own)."""
+    model = config_section(ModelConfig(), exclude=("moe",))
+    model.max_len = 256  # tiny scale: RoPE table / KV cache for sampling (library default 512)
     return model
 
 
-def moe_section(*optional: str, every_field: bool = False) -> ml_collections.ConfigDict:
-    """MoE block: moejax.layers.MoEConfig fields, plus those of `_moe_optional` named."""
-    moe = ml_collections.ConfigDict()
-    moe.num_experts = 8  # routed experts E
-    moe.top_k = 2  # experts per token K (expert choice: average experts per token)
-    moe.d_ff = 128  # hidden width F of each expert (active FFN width K*F = 256)
-    moe.activation = "swiglu"  # gated expert MLP
-    moe.score_func = "softmax"  # router scores: "softmax" or "sigmoid"
-    moe.load_balance_coef = 1e-2  # switch load-balance loss weight
-    moe.router_z_coef = 1e-3  # router z-loss weight
-    return _with_optional(moe, _moe_optional(), optional, every_field)
-
-
-def _moe_optional() -> ml_collections.ConfigDict:
-    moe = ml_collections.ConfigDict()
-    moe.router = "topk"  # "topk" (token choice) or "expert_choice"
-    moe.norm_topk_prob = True  # selected weights renormalised to sum to 1
-    moe.routed_scaling_factor = 1.0  # multiplies the routed weights
-    moe.n_groups = 1  # expert groups for group-limited top-k (1 = off)
-    moe.topk_groups = 1  # groups kept per token
-    moe.use_expert_bias = False  # aux-loss-free balancing bias (moe_state)
-    moe.bias_update_rate = 1e-3  # bias step u: b += u * sign(mean_load - load)
-    moe.jitter_eps = 0.0  # multiplicative router input jitter (train only)
-    moe.dispatch = "dropless"  # "dropless" (sort + grouped matmul) or "capacity"
-    moe.capacity_factor = 1.25  # capacity dispatch: train capacity = ceil(T * K / E * factor)
-    moe.eval_capacity_factor = 2.0  # capacity dispatch: eval capacity factor
-    moe.min_capacity = 4  # capacity dispatch: minimum slots per expert
-    moe.drop_policy = "position"  # over-full expert keeps: "position" or "probs"
-    moe.load_balance_type = "global"  # switch loss over the batch or per "sequence"
-    moe.num_shared_experts = 0  # always-on shared experts
-    moe.shared_d_ff = placeholder(int)  # shared expert width; None = num_shared * d_ff
-    moe.shared_expert_gate = False  # sigmoid gate on the shared output (Qwen2-MoE)
-    moe.expert_parallel = "none"  # "none", "all_to_all", "all_gather" (expert mesh axis)
-    moe.ep_capacity_factor = 2.0  # all_to_all send-buffer bound (x balanced load)
-    moe.gmm_backend = "auto"  # grouped matmul backend: "xla" on CPU, Triton GPU, Mosaic TPU
-    moe.gmm_tile = 256  # row tile of the CPU grouped matmul
+def moe_section() -> ml_collections.ConfigDict:
+    """MoE block: every moejax.layers.MoEConfig field, with `execution` (MoEExecution) nested."""
+    moe = config_section(MoEConfig())
+    moe.d_ff = 128  # tiny scale: active FFN width K*F = 256 (library default 1024)
     return moe
 
 

@@ -44,8 +44,12 @@ class MetricsWriter:
                 from tensorboardX import SummaryWriter
 
                 # TensorBoard hides every earlier event with step >= purge_step.
+                # The suffix keeps two writers opened within one second (tensorboardX names
+                # event files by the second) from overwriting each other's file.
                 self._tb = SummaryWriter(
-                    str(Path(workdir) / "tensorboard"), purge_step=start_step + 1
+                    str(Path(workdir) / "tensorboard"),
+                    purge_step=start_step + 1,
+                    filename_suffix=f".from{start_step}",
                 )
             except ImportError:
                 log.warning("tensorboardX not installed: no TensorBoard events")
@@ -62,14 +66,19 @@ class MetricsWriter:
         if not self._active:
             return
         record: dict[str, Any] = {"split": split, "step": int(step)}
-        record.update({k: float(v) for k, v in scalars.items()})
+        # A vector value ([N], one per MoE layer) is kept as a list.
+        record.update({k: _json_value(v) for k, v in scalars.items()})
         if expert_load is not None:
             record["expert_load"] = np.asarray(expert_load, dtype=np.float64).round(5).tolist()
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
             for k, v in scalars.items():
-                self._tb.add_scalar(f"{split}/{k}", float(v), step)
+                v = np.asarray(v)
+                if v.ndim == 0:
+                    self._tb.add_scalar(f"{split}/{k}", float(v), step)
+                for layer, x in enumerate(v.reshape(-1) if v.ndim else ()):
+                    self._tb.add_scalar(f"{split}/{k}/layer{layer}", float(x), step)
             if expert_load is not None:
                 load = np.asarray(expert_load)
                 # Imbalance summaries per layer (E scalars per layer would swamp the UI).
@@ -86,6 +95,11 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _json_value(v: Any) -> float | list[float]:
+    v = np.asarray(v, dtype=np.float64)
+    return float(v) if v.ndim == 0 else v.round(5).tolist()
 
 
 def _truncate_records(path: Path, start_step: int) -> None:
@@ -112,7 +126,8 @@ def read_metrics(workdir: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def write_plots(workdir: str | Path) -> list[Path]:
-    """loss.png (train and validation loss) and expert_load.png (per-layer load heatmaps)."""
+    """loss.png (train and validation loss), expert_load.png (per-layer load heatmaps) and
+    experts_per_token.png (real experts per token, per layer, over training)."""
     if jax.process_index() != 0:
         return []
     import matplotlib
@@ -136,6 +151,20 @@ def write_plots(workdir: str | Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         out.append(workdir / "loss.png")
+        fig.savefig(out[-1], dpi=100)
+        plt.close(fig)
+    spent = [r for r in train if r.get("experts_per_token_layers")]
+    if spent:
+        per_layer_SxN = np.array([r["experts_per_token_layers"] for r in spent])
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for layer in range(per_layer_SxN.shape[1]):
+            ax.plot([r["step"] for r in spent], per_layer_SxN[:, layer], label=f"layer {layer}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("real experts per token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        out.append(workdir / "experts_per_token.png")
         fig.savefig(out[-1], dpi=100)
         plt.close(fig)
     loads = [r for r in train if "expert_load" in r]

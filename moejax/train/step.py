@@ -20,6 +20,7 @@ N number of MoE layers.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from moejax.layers import ModelConfig, Transformer
+from moejax.layers.router import update_expert_bias
 from moejax.train.state import StateSetup, TrainState
 
 # Aux scalars averaged into the metrics (the model's aux dict, see moejax.layers.Transformer).
@@ -37,6 +39,8 @@ _AUX_SCALARS = (
     "router_z_loss",
     "dropped_fraction",
     "router_entropy",
+    "experts_per_token",
+    "null_fraction",
 )
 
 
@@ -63,7 +67,8 @@ def _forward(
         inputs_BxL,
         deterministic=False,
         mutable=["moe_stats"],
-        rngs={"jitter": rng},
+        # "jitter": router input noise; "router": the draws of random routers.
+        rngs={"jitter": rng, "router": jax.random.fold_in(rng, 1)},
     )
     ce = cross_entropy(logits_BxLxV, targets_BxL)
     loss = ce + aux["aux_loss"]
@@ -71,14 +76,32 @@ def _forward(
     # [N, E] for N >= 1 MoE layers; dense models report an empty or scalar placeholder.
     if "expert_load" in aux and jnp.ndim(aux["expert_load"]) == 2 and aux["expert_load"].size:
         metrics["expert_load"] = aux["expert_load"]
+        for k in ("experts_per_token_layers", "null_fraction_layers"):
+            metrics[k] = aux[k]  # [N], logged per layer
     return loss, (metrics, mutated.get("moe_stats", {}))
 
 
-def bias_update_rate(model_cfg: ModelConfig) -> float | None:
-    """The expert-bias step size, or None when the model has no aux-loss-free bias."""
-    if model_cfg.moe is None or not model_cfg.moe.use_expert_bias:
+@dataclasses.dataclass(frozen=True)
+class BiasUpdate:
+    """The aux-loss-free expert-bias update of a model: rate, rule and step-size schedule."""
+
+    rate: float
+    rule: str = "sign"
+    schedule: str = "constant"
+
+    def rate_at(self, step: jax.Array) -> jax.Array:
+        """Step size of the update made by optimizer step `step` (0-based)."""
+        if self.schedule == "inv_sqrt":
+            return self.rate / jnp.sqrt(step.astype(jnp.float32) + 1.0)
+        return jnp.asarray(self.rate, jnp.float32)
+
+
+def bias_update_rate(model_cfg: ModelConfig) -> BiasUpdate | None:
+    """The expert-bias update, or None when the model has no aux-loss-free bias."""
+    moe = model_cfg.moe
+    if moe is None or not moe.use_expert_bias:
         return None
-    return model_cfg.moe.bias_update_rate
+    return BiasUpdate(moe.bias_update_rate, moe.bias_update, moe.bias_update_schedule)
 
 
 def train_step(
@@ -88,7 +111,7 @@ def train_step(
     model: Transformer,
     tx: optax.GradientTransformation,
     microbatches: int = 1,
-    bias_rate: float | None = None,
+    bias_rate: BiasUpdate | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of token windows.
 
@@ -101,8 +124,8 @@ def train_step(
         mean over the M equal slices, which equals the full-batch value for every term that is
         a mean over tokens (cross-entropy, z-loss, load); the switch load-balance loss is a
         product of batch means, so with M > 1 it is computed per microbatch.
-      bias_rate: step size of the aux-loss-free expert-bias update (`bias_update_rate`);
-        None leaves `moe_state` as it is.
+      bias_rate: the aux-loss-free expert-bias update (`bias_update_rate`: rate, rule,
+        schedule); None leaves `moe_state` as it is.
 
     Returns:
       (new_state, metrics): metrics are float32 scalars (loss, ce_loss, aux terms, grad_norm,
@@ -149,9 +172,9 @@ def train_step(
     new_params = optax.apply_updates(state.params, updates)
     new_moe_state = state.moe_state
     if bias_rate is not None and state.moe_state:
-        from moejax.layers.router import update_expert_bias
-
-        new_moe_state = update_expert_bias(state.moe_state, moe_stats, bias_rate)
+        new_moe_state = update_expert_bias(
+            state.moe_state, moe_stats, bias_rate.rate_at(state.step), bias_rate.rule
+        )
 
     def keep_if_finite(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -1,16 +1,28 @@
-"""moejax.layers.dispatch against a numpy loop over (token, choice) and a jnp dense reference.
+"""The moejax.moe pipeline (plans, experts, combine) against a numpy loop over (token, choice)
+and a jnp dense reference, including the sentinel "no expert".
 
 The numpy reference decides which assignments an over-full expert keeps with its own loop, so
 the capacity drop rules are checked independently of the sort-based implementation.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.layers import dispatch
-from moejax.layers.config import MoEConfig
+from moejax.layers.config import MoEConfig, MoEExecution
+from moejax.moe import (
+    ExpertWeights,
+    Routing,
+    capacity_plan,
+    combine_rows,
+    dropless_ffn,
+    dropless_plan,
+    gather_rows,
+    routed_ffn,
+)
 
 T, D, F, E = 13, 6, 10, 4  # T * K = 26: not a multiple of the 8-row tile used below
 
@@ -67,6 +79,14 @@ def jnp_token_choice(x, weights, indices, keep, wg, wu, wo, activation):
     return jnp.einsum("tk,tkd->td", weights * keep, out)
 
 
+def as_routing(weights, indices, num_experts=E):
+    """A Routing from given weights and experts (the pipeline reads only these and the count)."""
+    indices = jnp.asarray(indices, jnp.int32)
+    zeros = jnp.zeros((indices.shape[0], num_experts), jnp.float32)
+    count = (indices < num_experts).sum(axis=-1, dtype=jnp.int32)
+    return Routing(jnp.asarray(weights, jnp.float32), indices, zeros, zeros, count)
+
+
 def routing_case(name, rng, top_k):
     if name == "random":
         idx = np.stack([rng.permutation(E)[:top_k] for _ in range(T)])
@@ -116,7 +136,11 @@ def test_dropless_matches_reference(case, top_k, backend, activation):
     x = rng.normal(size=(T, D)).astype(np.float32)
     wg, wu, wo = make_weights(rng)
     cfg = MoEConfig(
-        num_experts=E, top_k=top_k, d_ff=F, gmm_backend=backend, gmm_tile=8, activation=activation
+        num_experts=E,
+        top_k=top_k,
+        d_ff=F,
+        activation=activation,
+        execution=MoEExecution(gmm_backend=backend, gmm_tile=8),
     )
     keep = np.ones(idx.shape, bool)
     expected = np_token_choice(x, w, idx, keep, wg, wu, wo, activation)
@@ -124,7 +148,7 @@ def test_dropless_matches_reference(case, top_k, backend, activation):
 
     def fn(x, w, *ws):
         gate = ws[0] if activation == "swiglu" else None
-        return dispatch.dropless_ffn(x, w, idx, gate, *ws[-2:], cfg)
+        return dropless_ffn(x, w, idx, ExpertWeights(gate, *ws[-2:]), cfg)
 
     y = jax.jit(fn)(*args)
     assert y.dtype == jnp.float32
@@ -140,7 +164,7 @@ def test_dropless_plan_layouts():
     rng = np.random.default_rng(1)
     idx, _ = routing_case("empty_expert", rng, 2)
     for tile_m in (None, 8):
-        plan = dispatch.dropless_plan(jnp.asarray(idx), E, tile_m=tile_m)
+        plan = dropless_plan(jnp.asarray(idx), E, tile_m=tile_m)
         tok, assign = np.asarray(plan.token_of_row_R), np.asarray(plan.assign_of_row_R)
         rows = np.asarray(plan.row_of_assign_TxK)
         np.testing.assert_array_equal(
@@ -152,7 +176,7 @@ def test_dropless_plan_layouts():
         experts_in_order = idx.ravel()[assign[assign < T * 2]]
         assert np.all(np.diff(experts_in_order) >= 0)
         if tile_m is not None:
-            assert plan.padded and tok.shape[0] % tile_m == 0
+            assert plan.layout == "padded" and tok.shape[0] % tile_m == 0
             # Each tile holds one expert's rows only.
             tiles = np.asarray(plan.tile_group)
             for r in np.flatnonzero(assign < T * 2):
@@ -173,7 +197,8 @@ def test_capacity_matches_reference(policy, capacity):
     cfg = MoEConfig(num_experts=E, top_k=top_k, d_ff=F, dispatch="capacity", drop_policy=policy)
 
     def fn(x, w, wg, wu, wo):
-        return dispatch.capacity_ffn(x, w, idx, wg, wu, wo, cfg, capacity=capacity)
+        experts = ExpertWeights(wg, wu, wo)
+        return routed_ffn(x, as_routing(w, idx), experts, cfg, capacity=capacity)
 
     y, dropped = jax.jit(fn)(x, w, wg, wu, wo)
     keep = np_keep(idx, w, E, capacity, policy)
@@ -195,12 +220,13 @@ def test_capacity_probs_keeps_heaviest():
     # Four tokens all to expert 0, capacity 2: "probs" keeps the two largest weights.
     idx = np.zeros((4, 1), np.int32)
     w = np.array([[0.1], [0.9], [0.5], [0.7]], np.float32)
-    plan = dispatch.capacity_plan(jnp.asarray(idx), jnp.asarray(w), 2, 2, "probs")
+    idx, w = jnp.asarray(idx), jnp.asarray(w)
+    plan = capacity_plan(idx, 2, weights_TxK=w, capacity=2, drop_policy="probs")
     np.testing.assert_array_equal(np.asarray(plan.row_of_assign_TxK).ravel(), [4, 0, 4, 1])
-    plan = dispatch.capacity_plan(jnp.asarray(idx), jnp.asarray(w), 2, 2, "position")
+    plan = capacity_plan(idx, 2, weights_TxK=w, capacity=2, drop_policy="position")
     np.testing.assert_array_equal(np.asarray(plan.row_of_assign_TxK).ravel(), [0, 1, 4, 4])
     with pytest.raises(ValueError, match="drop_policy"):
-        dispatch.capacity_plan(jnp.asarray(idx), jnp.asarray(w), 2, 2, "random")
+        capacity_plan(idx, 2, weights_TxK=w, capacity=2, drop_policy="random")
 
 
 def test_expert_choice_matches_reference():
@@ -211,10 +237,17 @@ def test_expert_choice_matches_reference():
     w_ec = rng.uniform(0.1, 1.0, size=(E, capacity)).astype(np.float32)
     x = rng.normal(size=(T, D)).astype(np.float32)
     wg, wu, wo = make_weights(rng)
-    cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, activation="relu")
+    cfg = MoEConfig(num_experts=E, top_k=2, d_ff=F, activation="relu", router="expert_choice")
+    # The token-major Routing an expert-choice router gives: place e of token t is e if expert e
+    # took t, else the sentinel E.
+    picked = np.zeros((T, E), bool)
+    picked[tok, np.arange(E)[:, None]] = True
+    idx = np.where(picked, np.arange(E)[None, :], E)
 
     def fn(x, w_ec, wu, wo):
-        return dispatch.expert_choice_ffn(x, w_ec, tok, None, wu, wo, cfg)
+        w_TxE = jnp.zeros((T, E)).at[tok, jnp.arange(E)[:, None]].set(w_ec)
+        experts = ExpertWeights(None, wu, wo)
+        return routed_ffn(x, as_routing(w_TxE, idx), experts, cfg, capacity=capacity)
 
     y, unpicked = jax.jit(fn)(x, w_ec, wu, wo)
     y_ref = np.zeros((T, D))
@@ -236,7 +269,9 @@ def test_gather_and_combine_vjps_match_autodiff():
     """The gather-only custom VJPs equal autodiff of the plain gathers (which scatter-add)."""
     rng = np.random.default_rng(5)
     idx, w = routing_case("random", rng, 2)
-    plan = dispatch.capacity_plan(jnp.asarray(idx), jnp.asarray(w), E, 4, "position")
+    plan = capacity_plan(
+        jnp.asarray(idx), E, weights_TxK=jnp.asarray(w), capacity=4, drop_policy="position"
+    )
     x = rng.normal(size=(T, D)).astype(np.float32)
     rows = rng.normal(size=(E * 4, D)).astype(np.float32)
 
@@ -247,5 +282,84 @@ def test_gather_and_combine_vjps_match_autodiff():
         picked = jnp.concatenate([rows, jnp.zeros((1, D))])[plan.row_of_assign_TxK]
         return jnp.einsum("tk,tkd->td", w, picked)
 
-    _grads_close(lambda x: dispatch.gather_rows(x, plan), plain_gather, (x,), 1e-6)
-    _grads_close(lambda r, w: dispatch.combine_rows(r, w, plan), plain_combine, (rows, w), 1e-6)
+    _grads_close(lambda x: gather_rows(x, plan), plain_gather, (x,), 1e-6)
+    _grads_close(lambda r, w: combine_rows(r, w, plan), plain_combine, (rows, w), 1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("backend", ["xla", "ragged_dot"])
+def test_sentinel_places_compute_nothing(dispatch, backend):
+    """Places holding the sentinel E get no row and add nothing; a token with only sentinels
+    gets exactly zero. Equal to routing without those places (their weight set to 0)."""
+    rng = np.random.default_rng(11)
+    idx, w = routing_case("random", rng, 3)
+    none = rng.random(idx.shape) < 0.4
+    none[0] = True  # token 0: no expert at all
+    idx_s = np.where(none, E, idx).astype(np.int32)
+    x = rng.normal(size=(T, D)).astype(np.float32)
+    experts = ExpertWeights(*map(jnp.asarray, make_weights(rng)))
+    cfg = MoEConfig(
+        num_experts=E,
+        top_k=3,
+        d_ff=F,
+        dispatch=dispatch,
+        capacity_factor=1.0,
+        execution=MoEExecution(gmm_backend=backend, gmm_tile=8),
+    )
+    capacity = 4
+    y, dropped = routed_ffn(x, as_routing(w, idx_s), experts, cfg, capacity=capacity)
+    keep = ~none
+    if dispatch == "capacity":
+        # The sentinels take no slot: the real places compete for the slots alone.
+        keep = np.where(none, False, True)
+        fill = np.zeros(E, int)
+        for t in range(T):
+            for k in range(3):
+                if keep[t, k]:
+                    keep[t, k] = fill[idx[t, k]] < capacity
+                    fill[idx[t, k]] += 1
+    want = np_token_choice(x, w, idx, keep, *map(np.asarray, experts), "swiglu")
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    assert np.all(np.asarray(y)[0] == 0)
+    np.testing.assert_allclose(dropped, 1 - keep.sum() / (~none).sum(), rtol=1e-6)
+    plan = dropless_plan(jnp.asarray(idx_s), E, tile_m=8 if backend == "xla" else None)
+    assert int(plan.group_sizes_E.sum()) == (~none).sum()
+    assert np.all(np.asarray(plan.row_of_assign_TxK)[none] == plan.token_of_row_R.shape[0])
+
+    def fn(x, w):
+        return routed_ffn(x, as_routing(w, idx_s), experts, cfg, capacity=capacity)[0]
+
+    def ref(x, w):
+        return jnp_token_choice(x, w, idx, keep, *experts, "swiglu")
+
+    _grads_close(fn, ref, (x, w), 1e-4)
+
+
+def test_random_drop_policy_keeps_a_uniform_random_subset():
+    """drop_policy="random": an over-full expert keeps exactly C of its assignments, a different
+    subset per key, each assignment equally likely; without a key (evaluation) position order."""
+    num_tokens, capacity = 8, 2
+    idx = jnp.zeros((num_tokens, 1), jnp.int32)  # all to expert 0
+    w = jnp.ones((num_tokens, 1))
+    kept = []
+    for seed in range(400):
+        plan = capacity_plan(
+            idx, 2, weights_TxK=w, capacity=capacity, drop_policy="random",
+            key=jax.random.key(seed),
+        )  # fmt: skip
+        rows = np.asarray(plan.row_of_assign_TxK).ravel()
+        assert (rows < 2 * capacity).sum() == capacity
+        kept.append(rows < 2 * capacity)
+    freq = np.mean(kept, axis=0)
+    np.testing.assert_allclose(freq, capacity / num_tokens, atol=0.08)  # 400 draws: sd ~ 0.02
+    assert len({tuple(k) for k in kept}) > 10
+    with pytest.raises(ValueError, match="PRNG key"):
+        capacity_plan(idx, 2, weights_TxK=w, capacity=capacity, drop_policy="random")
+    cfg = MoEConfig(num_experts=2, top_k=1, d_ff=F, dispatch="capacity", drop_policy="random")
+    x = np.random.default_rng(0).normal(size=(num_tokens, D)).astype(np.float32)
+    experts = ExpertWeights(*map(jnp.asarray, make_weights(np.random.default_rng(1))))
+    experts = ExpertWeights(*(a[:2] for a in experts))
+    routing = as_routing(w, idx, num_experts=2)
+    y_eval, _ = routed_ffn(x, routing, experts, cfg, capacity=capacity)
+    position = dataclasses.replace(cfg, drop_policy="position")
+    np.testing.assert_array_equal(y_eval, routed_ffn(x, routing, experts, position, capacity=2)[0])

@@ -1,0 +1,131 @@
+"""Routing quality on the embedded corpus: validation loss against expert compute actually spent.
+
+    python benchmarks/routing_quality.py                    # 500 steps per row (tiny.py's)
+    python benchmarks/routing_quality.py --steps 200        # quicker, noisier
+    python benchmarks/routing_quality.py --rows top2,adamoe # some rows only
+
+Every row trains configs/tiny.py's model (the same data order, seed, optimizer and steps) with
+one routing change, in this process, one after the other, and reports:
+  val loss        validation cross-entropy (nats/byte) after the last step;
+  experts/token   real experts per token, measured on the validation batches (aux
+                  "experts_per_token", the mean over MoE layers; null picks and unused top-p
+                  places are not counted; expert choice: the mean experts a token got);
+  expert GFLOP/tok  forward FLOPs of the routed experts per token over all layers,
+                  experts/token x 3 matmuls x 2 x D x F x layers (the dense row: its FFN);
+  vs top-2        that, relative to the top-2 row;
+  wall s          training wall time (CPU, shared machine: compare within one run only).
+Results: a table on stdout and benchmarks/results/routing_quality.{md,json}.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+from moejax.configs import dense_baseline, tiny  # noqa: E402
+from moejax.train.metrics import read_metrics  # noqa: E402
+from moejax.train.trainer import train_and_evaluate  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def _row(**moe):
+    def make():
+        config = tiny.get_config()
+        for k, v in moe.items():
+            setattr(config.moe, k, v)
+        return config
+
+    return make
+
+
+ROWS = {
+    "dense": ("dense FFN of the MoE's active width", dense_baseline.get_config),
+    "top1": ("top-1", _row(top_k=1)),
+    "top2": ("top-2 (tiny.py)", _row()),
+    "adamoe": ("AdaMoE: top-2 + 4 null experts", _row(num_null_experts=4)),
+    "top_p": ("top-p, p=0.4, max_k=4", _row(router="top_p", top_p=0.4, max_k=4)),
+    "expert_choice": ("expert choice, C = T*2/E", _row(router="expert_choice")),
+}
+
+
+def run_row(name: str, steps: int, workdir: pathlib.Path) -> dict:
+    label, make = ROWS[name]
+    config = make()
+    config.train.steps = steps
+    config.train.eval_every = steps
+    config.train.checkpoint_every = steps
+    config.train.log_every = max(1, steps // 10)
+    t0 = time.time()
+    summary = train_and_evaluate(config, str(workdir / name), progress=False)
+    wall = time.time() - t0
+    last_eval = read_metrics(workdir / name)["eval"][-1]
+    m = config.model
+    if config.moe is None:
+        experts, flops = None, 3 * 2 * m.d_model * m.d_ff * m.num_layers
+    else:
+        experts = last_eval["experts_per_token"]
+        flops = experts * 3 * 2 * m.d_model * config.moe.d_ff * m.num_layers
+    return {
+        "row": name,
+        "label": label,
+        "val_loss": summary["eval_losses"][-1][1],
+        "experts_per_token": experts,
+        "expert_gflop_per_token": flops / 1e9,
+        "null_fraction": last_eval.get("null_fraction"),
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {list(ROWS)}")
+    args = parser.parse_args()
+    names = args.rows.split(",")
+    unknown = sorted(set(names) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; allowed: {list(ROWS)}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            results.append(run_row(name, args.steps, pathlib.Path(tmp)))
+            r = results[-1]
+            print(f"{r['label']:40s} val {r['val_loss']:.4f}  {r['wall_s']:.0f}s", flush=True)
+    ref = next((r for r in results if r["row"] == "top2"), None)
+    lines = [
+        f"steps {args.steps} per row, configs/tiny.py's model and data; {platform.node()}",
+        "",
+        "| routing | val loss | experts/token | expert GFLOP/token | vs top-2 | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = f"{r['expert_gflop_per_token'] / ref['expert_gflop_per_token']:.2f}x" if ref else "-"
+        per_tok = "-" if r["experts_per_token"] is None else f"{r['experts_per_token']:.2f}"
+        lines.append(
+            f"| {r['label']} | {r['val_loss']:.4f} | {per_tok} | "
+            f"{r['expert_gflop_per_token']:.5f} | {ratio} | {r['wall_s']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "routing_quality.md").write_text(
+        f"Command: `python benchmarks/routing_quality.py --steps {args.steps}"
+        + (f" --rows {args.rows}" if args.rows != ",".join(ROWS) else "")
+        + "`\n\n"
+        + table
+        + "\n"
+    )
+    (RESULTS / "routing_quality.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
