@@ -148,13 +148,41 @@ def create_train_state(
     Returns:
       (state, setup): the TrainState and the objects the step functions are built from.
     """
+    _, setup = abstract_train_state(model_cfg, tx, mesh, rules, seq_len=seq_len)
+    init = functools.partial(_init_state, setup.model, tx, seq_len)
+    with sharding.sharding_context(mesh, rules):
+        state = jax.jit(lambda r: sharding.unbox(init(r)), out_shardings=setup.state_shardings)(
+            jax.random.PRNGKey(seed)
+        )
+    return state, setup
+
+
+def abstract_train_state(
+    model_cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules: Any,
+    *,
+    seq_len: int,
+) -> tuple[TrainState, StateSetup]:
+    """The train state as ShapeDtypeStructs with their shardings: nothing is materialised.
+
+    What `create_train_state` initialises into, and what an ahead-of-time compile
+    (`moejax.compile`) traces the train step with; the mesh may be of devices this process
+    cannot run on (a deviceless TPU or GPU topology).
+
+    Args:
+      model_cfg, tx, mesh, rules, seq_len: as for `create_train_state`.
+
+    Returns:
+      (abstract_state, setup): every leaf a jax.ShapeDtypeStruct carrying its NamedSharding,
+      and the StateSetup the step functions are built from.
+    """
     model = Transformer(model_cfg)
     init = functools.partial(_init_state, model, tx, seq_len)
-    rng = jax.random.PRNGKey(seed)
     with sharding.sharding_context(mesh, rules):
-        abstract = jax.eval_shape(init, rng)
-        shardings = sharding.logical_shardings(abstract, mesh, rules)
-        state = jax.jit(lambda r: sharding.unbox(init(r)), out_shardings=shardings)(rng)
+        boxed = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32))  # a raw PRNG key
+        shardings = sharding.logical_shardings(boxed, mesh, rules)
     setup = StateSetup(
         model_cfg=model_cfg,
         model=model,
@@ -164,7 +192,7 @@ def create_train_state(
         state_shardings=shardings,
         batch_sharding=sharding.batch_sharding(mesh, rules),
     )
-    return state, setup
+    return abstract_state(shardings, sharding.unbox(boxed)), setup
 
 
 def abstract_state(state_shardings: TrainState, state: TrainState) -> TrainState:

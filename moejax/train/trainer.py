@@ -10,16 +10,17 @@ Shape legend: B batch, L sequence length, N MoE layers, E experts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -36,11 +37,12 @@ log = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("skip", "stop")
 SECTIONS = ("model", "moe", "opt", "data", "mesh", "train")
 
-# Rough per-device peak FLOP/s for the MFU estimate: dense bf16 for accelerators (H100 SXM,
-# TPU v5e). The CPU "device" is the whole host: cores x 3 GHz x 32 float32 FLOP/cycle (two
-# 8-wide AVX2 FMA units). Override with train.peak_flops.
-_PEAK_FLOPS = {"gpu": 989e12, "tpu": 197e12}
-_CPU_FLOPS_PER_CORE = 3e9 * 32
+# Per-device peak FLOP/s for the MFU estimate on accelerators the target table does not know
+# (dense bf16 of an H100 SXM and a TPU v5e). Override with train.peak_flops.
+_FALLBACK_PEAK_FLOPS = {"gpu": 989e12, "tpu": 197e12}
+# The CPU peak is measured: a jitted float32 matmul of this size, the fastest of a few runs.
+_CPU_MATMUL_N = 1024
+_CPU_MATMUL_RUNS = 5
 
 
 class NonFiniteError(RuntimeError):
@@ -136,15 +138,44 @@ def _flops_per_token(model_cfg: ModelConfig, active_params: int, seq_len: int) -
     return 6.0 * matmul_params + attention
 
 
+@functools.cache
+def _measured_cpu_flops() -> float:
+    """Float32 FLOP/s of a jitted 1024^3 matmul on this host, measured once per process.
+
+    The fastest of a few runs (about 0.1 s in all on an idle 2-core host): a peak is what the
+    least disturbed run reaches, where a median would count other processes' load. The CPU
+    "device" is the whole host: fake multi-device CPU runs split the same cores, so this rate
+    is the peak of all of them together.
+    """
+    n = _CPU_MATMUL_N
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()  # compile
+    times = []
+    for _ in range(_CPU_MATMUL_RUNS):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times)
+
+
 def _peak_flops(config: ml_collections.ConfigDict) -> float:
+    """Peak FLOP/s of all devices: train.peak_flops if set, a measured matmul rate on CPU,
+    the target table's per-chip spec (moejax.compile.targets) on known GPUs and TPUs."""
     if config.train.peak_flops:
         return float(config.train.peak_flops) * jax.device_count()
     backend = jax.default_backend()
     if backend == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        # Fake multi-device CPU runs split the same cores: the host total is the peak.
-        return _CPU_FLOPS_PER_CORE * (cores or 1)
-    return _PEAK_FLOPS.get(backend, 1e12) * jax.device_count()
+        return _measured_cpu_flops()
+    from moejax.compile.targets import target_of_device_kind
+
+    kind = jax.devices()[0].device_kind
+    target = target_of_device_kind(kind)
+    if target is None:
+        peak = _FALLBACK_PEAK_FLOPS.get(backend, 1e12)
+        log.warning("MFU: unknown device %r, assuming %.3g FLOP/s per device", kind, peak)
+        return peak * jax.device_count()
+    return target.peak_flops * jax.device_count()
 
 
 def _evaluate(eval_fn, state, batches) -> dict[str, float]:
