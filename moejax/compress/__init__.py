@@ -1,0 +1,32 @@
+"""moejax.compress: shrink an MoE model with what its routers know.
+
+    stats = routing_stats(model_cfg, variables, batches)         # per MoE layer, sums only
+    model_cfg, variables = prune_experts(model_cfg, variables, stats, N, score="frequency")
+    model_cfg, variables = merge_experts(model_cfg, variables, stats, N)   # MC-SMoE
+
+Pure functions over a model's config and variables (scanned or unrolled layers, trained here or
+imported with moejax.hf.from_hf); each returns a new (model_cfg, variables) with N experts per
+MoE layer.
+"""
+
+from moejax.compress.merge import (
+    expert_groups,
+    match_hidden_units,
+    merge_experts,
+    permute_hidden_units,
+)
+from moejax.compress.prune import PRUNE_SCORES, kept_experts, prune_experts
+from moejax.compress.stats import LayerStats, block_sums, routing_stats
+
+__all__ = [
+    "PRUNE_SCORES",
+    "LayerStats",
+    "block_sums",
+    "expert_groups",
+    "kept_experts",
+    "match_hidden_units",
+    "merge_experts",
+    "permute_hidden_units",
+    "prune_experts",
+    "routing_stats",
+]
