@@ -31,6 +31,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 from moejax.configs import dense_baseline, tiny  # noqa: E402
+
 from moejax.train.metrics import read_metrics  # noqa: E402
 from moejax.train.trainer import train_and_evaluate  # noqa: E402
 
@@ -108,7 +109,8 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
-        ratio = f"{r['expert_gflop_per_token'] / ref['expert_gflop_per_token']:.2f}x" if ref else "-"
+        rel = r["expert_gflop_per_token"] / ref["expert_gflop_per_token"] if ref else None
+        ratio = "-" if rel is None else f"{rel:.2f}x"
         per_tok = "-" if r["experts_per_token"] is None else f"{r['experts_per_token']:.2f}"
         lines.append(
             f"| {r['label']} | {r['val_loss']:.4f} | {per_tok} | "

@@ -7,7 +7,8 @@ Command (a TPU v5p-128 / 64 x H100 class job; pre-tokenized data with the Mixtra
 
 46.7B parameters, 12.9B active per token. Fits a v5p-128 by the deviceless compile (89.2 of
 95 GiB per chip with two microbatches; see README "Will it fit?"). Expected: a from-scratch run
-tracks the Mixtral paper's loss curve; it does NOT fit a CPU. To smoke-test the wiring on a laptop shrink it:
+tracks the Mixtral paper's loss curve; it does NOT fit a CPU. To smoke-test the wiring on a
+laptop shrink it:
 `--config.model.num_layers=2 --config.model.d_model=64 --config.model.num_heads=4
 --config.model.num_kv_heads=2 --config.moe.d_ff=64 --config.model.vocab_size=256
 --config.data.source=stdlib --config.train.batch_size=8 --config.train.seq_len=64
