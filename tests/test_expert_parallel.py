@@ -41,7 +41,8 @@ def _params(cfg, x):
     variables = nn.meta.unbox(MoE(cfg, d_model=D).init(jax.random.key(0), x))
     params = variables["params"]
     kernel = params["router"]["kernel"]
-    return {**params, "router": {"kernel": kernel + SKEW[: kernel.shape[1]] / D}}
+    router = {**params["router"], "kernel": kernel + SKEW[: kernel.shape[1]] / D}
+    return {**params, "router": router}
 
 
 def _loss_and_grads(cfg, params, x, mesh=None):

@@ -95,8 +95,21 @@ def _pick_top_k(sel_TxE, probs_TxE, logits_TxE, cfg: MoEConfig) -> Routing:
     (renormalised over the real experts when cfg.norm_topk_prob, then scaled by
     cfg.routed_scaling_factor). A null-expert pick weighs 0."""
     _, indices_TxK = jax.lax.top_k(sel_TxE, cfg.top_k)
-    weights_TxK = jnp.take_along_axis(probs_TxE, indices_TxK, axis=-1)
     nulls = cfg.num_null_experts > 0  # static: with m = 0 this is exactly plain top-k
+    if nulls and cfg.norm_topk_prob and cfg.score_func == "softmax":
+        # Renormalised over the real picks, softmax weights are a softmax over those picks'
+        # logits alone; computed so, the null logits get no gradient from the weights (through
+        # p_i / sum_j p_j they would get terms that cancel only up to rounding).
+        real_TxK = indices_TxK < cfg.num_experts
+        logit_TxK = jnp.where(real_TxK, jnp.take_along_axis(logits_TxE, indices_TxK, -1), 0.0)
+        top_Tx1 = jnp.max(jnp.where(real_TxK, logit_TxK, -jnp.inf), axis=-1, keepdims=True)
+        top_Tx1 = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top_Tx1), top_Tx1, 0.0))
+        exp_TxK = jnp.where(real_TxK, jnp.exp(jnp.where(real_TxK, logit_TxK - top_Tx1, 0.0)), 0.0)
+        total_Tx1 = exp_TxK.sum(axis=-1, keepdims=True)
+        weights_TxK = exp_TxK / jnp.where(total_Tx1 > 0, total_Tx1, 1.0)
+        weights_TxK = weights_TxK * cfg.routed_scaling_factor
+        return _routing(weights_TxK, indices_TxK, probs_TxE, logits_TxE, cfg.num_experts)
+    weights_TxK = jnp.take_along_axis(probs_TxE, indices_TxK, axis=-1)
     if nulls:
         weights_TxK = jnp.where(indices_TxK < cfg.num_experts, weights_TxK, 0.0)
     if cfg.norm_topk_prob:
