@@ -7,8 +7,8 @@ Command:
 tiny.py's model with router="top_p": each token keeps its best experts until their cumulative
 probability reaches p = 0.4 (the expert that crosses it is kept), at most max_k = 4, so
 confident tokens use one expert and uncertain ones up to four. Shapes stay static ([T, 4] with
-unused places marked "no expert", which cost no rows). Measured against tiny.py (same data, 500
-steps): see the routing-quality table in README (benchmarks/routing_quality.py).
+unused places marked "no expert", which cost no rows). Not trained to completion here yet:
+`python benchmarks/routing_quality.py --rows top2,top_p` compares it with tiny.py's top-2.
 """
 
 import ml_collections
