@@ -106,6 +106,21 @@ class Checkpointer:
         log.info("restored checkpoint step %d from %s", step, self.directory)
         return restored.state, restored.data, restored.config
 
+    def restore_config(self, step: int | None = None) -> dict[str, Any] | None:
+        """The config (as a dict) saved with a committed step (default: the latest), read
+        without the state: what a tool needs to know the shapes to restore the state into.
+
+        Returns:
+          The config dict, or None when there is no committed checkpoint.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+        return restored.config
+
     def wait(self) -> None:
         """Blocks until a pending async save is committed."""
         self._manager.wait_until_finished()
