@@ -47,10 +47,14 @@ def _params(cfg, x):
 
 def _loss_and_grads(cfg, params, x, mesh=None):
     model = MoE(cfg, d_model=D)
+    # Router state (router="dts": its temperature) as the single-device model initialises it.
+    local = dataclasses.replace(cfg, execution=MoEExecution())
+    state = nn.meta.unbox(MoE(local, d_model=D).init(jax.random.key(0), x)).get("moe_state")
+    extra = {"moe_state": state} if state else {}
 
     def loss(p, x):
         y, aux = model.apply(
-            {"params": p}, x, deterministic=False, rngs={"router": jax.random.key(7)}
+            {"params": p, **extra}, x, deterministic=False, rngs={"router": jax.random.key(7)}
         )
         return jnp.sum(y**2) + aux["aux_loss"], (y, aux)
 
@@ -86,6 +90,12 @@ CASES += [
     ("all_gather", "data2_exp4", "top_p"),
     # DeepSpeed's random token selection: the same draw decides the drops on every mesh.
     ("all_to_all", "data2_exp4", "random_drop"),
+    # EvoMoE's dense-to-sparse gate (Gumbel draws) and SonicMoE's token rounding (its counts
+    # are global: the same rows on every mesh).
+    ("all_to_all", "data2_exp4", "dts"),
+    ("all_gather", "exp8", "dts"),
+    ("all_to_all", "exp8", "round_up"),
+    ("all_gather", "data2_exp4", "round_down"),
 ]
 
 
@@ -109,6 +119,10 @@ def _path_kwargs(path):
         kw.update(router="top_p", top_p=0.5, max_k=3)
     if path == "random_drop":
         kw.update(dispatch="capacity", capacity_factor=0.5, drop_policy="random")
+    if path == "dts":
+        kw.update(router="dts", max_k=3, dts_tau_start=1.0)
+    if path.startswith("round_"):
+        kw.update(token_rounding=path.removeprefix("round_"), rounding_tile=8)
     if path == "random_capacity":
         kw.update(dispatch="capacity", capacity_factor=0.5)
     return kw

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from moejax.activations import ACTIVATIONS
 from moejax.moe.plans import PLANS
+from moejax.moe.rounding import TOKEN_ROUNDINGS
 from moejax.moe.routing import ROUTERS as ROUTER_TABLE
 from moejax.moe.routing import router_spec
 
@@ -125,7 +126,8 @@ class MoEConfig:
         "topk",
         "a row of the router table (moejax.moe.routing.ROUTERS): 'topk' (token choice), "
         "'top_p' (dynamic: experts until their cumulative score reaches top_p), "
-        "'expert_choice' (each expert takes its top-C tokens), 'random' (uniform random experts)",
+        "'expert_choice' (each expert takes its top-C tokens), 'random' (uniform random experts), "
+        "'dts' (EvoMoE's dense-to-sparse gate: Gumbel softmax with a falling temperature)",
     )
     score_func: str = _field(
         "softmax", "'softmax' or 'sigmoid' over the router logits, always computed in float32"
@@ -193,7 +195,31 @@ class MoEConfig:
         "reaches top_p (the expert that crosses it is kept), in (0, 1]",
     )
     max_k: int = _field(
-        4, "router='top_p': static bound on the experts a token may keep, <= num_experts"
+        4,
+        "router='top_p' or 'dts': static bound on the experts a token may keep, <= num_experts",
+    )
+    dts_tau_start: float = _field(
+        2.0, "router='dts': Gumbel-softmax temperature at step 0 (large: dense, near-uniform)"
+    )
+    dts_tau_end: float = _field(
+        0.1, "router='dts': temperature reached after dts_steps steps (small: about one expert)"
+    )
+    dts_steps: int = _field(
+        500, "router='dts': optimizer steps of the cosine temperature schedule, then constant"
+    )
+    dts_threshold: float = _field(
+        0.05,
+        "router='dts': in training, experts whose gate is below this are not computed (the "
+        "best one always is), in [0, 1)",
+    )
+    token_rounding: str = _field(
+        "none",
+        "tile-aware token rounding (SonicMoE), training only: each expert's token count "
+        "rounded to a multiple of rounding_tile: 'down' drops its lowest-weight assignments, "
+        "'up' adds its best-scoring other tokens, 'nearest' the closer; 'none' disables it",
+    )
+    rounding_tile: int | None = _field(
+        None, "rows the counts are rounded to; None means execution.gmm_tile"
     )
     num_shared_experts: int = _field(0, "always-on experts added to the routed output")
     shared_d_ff: int | None = _field(
@@ -222,8 +248,23 @@ class MoEConfig:
         if not (isinstance(self.top_p, int | float) and 0.0 < self.top_p <= 1.0):
             _fail(c, "top_p", self.top_p, "must be in (0, 1]")
         _check_positive(c, "router_entropy_coef", self.router_entropy_coef, allow_zero=True)
+        _check_positive(c, "dts_tau_start", self.dts_tau_start)
+        _check_positive(c, "dts_tau_end", self.dts_tau_end)
+        _check_int(c, "dts_steps", self.dts_steps)
+        if not (isinstance(self.dts_threshold, int | float) and 0.0 <= self.dts_threshold < 1.0):
+            _fail(c, "dts_threshold", self.dts_threshold, "must be in [0, 1)")
         _check_choice(c, "router", self.router, ROUTERS)
         router_spec(self.router).validate(self)
+        _check_choice(c, "token_rounding", self.token_rounding, TOKEN_ROUNDINGS)
+        if self.rounding_tile is not None:
+            _check_int(c, "rounding_tile", self.rounding_tile)
+        if self.token_rounding != "none" and not router_spec(self.router).token_choice:
+            _fail(
+                c,
+                "token_rounding",
+                self.token_rounding,
+                f"needs a token-choice router (router={self.router!r} is not); allowed 'none'",
+            )
         _check_choice(c, "score_func", self.score_func, SCORE_FUNCS)
         _check_choice(c, "dispatch", self.dispatch, DISPATCHES)
         _check_choice(c, "drop_policy", self.drop_policy, DROP_POLICIES)

@@ -16,6 +16,7 @@ from moejax.layers.config import MoEConfig
 from moejax.layers.experts import Experts
 from moejax.layers.mlp import MLP
 from moejax.layers.router import Router
+from moejax.moe.rounding import round_token_counts
 from moejax.moe.routing import router_spec
 
 
@@ -74,8 +75,13 @@ class MoE(nn.Module):
         routing = Router(cfg, self.dtype, self.param_dtype, name="router")(
             x_TxD, deterministic=deterministic
         )
+        # Token rounding (SonicMoE) changes what the experts compute in training, not what the
+        # router chose: the balancing losses and statistics below read `routing`.
+        dispatched = routing
+        if cfg.token_rounding != "none" and not deterministic:
+            dispatched = round_token_counts(routing, cfg)
         experts = Experts(cfg, self.dtype, self.param_dtype, name="experts")
-        y_TxD, dropped_fraction = experts(x_TxD, routing, deterministic=deterministic)
+        y_TxD, dropped_fraction = experts(x_TxD, dispatched, deterministic=deterministic)
         y_TxD = nn.with_logical_constraint(y_TxD, ("tokens", "embed_moe"))
         y_BxLxD = y_TxD.reshape(b, length, d)
 
@@ -137,7 +143,7 @@ class MoE(nn.Module):
             "expert_load": load_E,
             "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
             "router_entropy": entropy,
-            "experts_per_token": routing.experts_per_token.mean(dtype=jnp.float32),
+            "experts_per_token": dispatched.experts_per_token.mean(dtype=jnp.float32),
             "null_fraction": null_fraction,
         }
         return y_BxLxD, aux

@@ -74,7 +74,10 @@ class Router(nn.Module):
 
     A router whose table row names an rng stream (router="random": "router") draws from it in
     training (deterministic=False) and from a fixed key, folded with the module path, in
-    evaluation, so evaluation is repeatable.
+    evaluation, so evaluation is repeatable. A row with an `eval_route` routes evaluation with
+    it; a row with a `temperature` schedule (router="dts") keeps the temperature as
+    `dts_tau` (float32 scalar) in collection "moe_state", which `set_router_temperature`
+    advances.
 
     Attributes:
       cfg: the MoE block config.
@@ -110,11 +113,19 @@ class Router(nn.Module):
             bias_E = self.variable(
                 "moe_state", "expert_bias", jnp.zeros, (cfg.num_experts,), jnp.float32
             ).value
+        route, extra = spec.route, {}
+        if spec.temperature is not None:
+            tau = self.variable(
+                "moe_state", "dts_tau", lambda: spec.temperature(cfg, 0).astype(jnp.float32)
+            )
+            extra["tau"] = tau.value
+        if deterministic and spec.eval_route is not None:
+            route, extra = spec.eval_route, {}
         key = None
-        if spec.rng is not None:
+        if spec.rng is not None and route is spec.route:
             key = self._router_key(spec.rng, deterministic)
         capacity = block_capacity(cfg, x_TxD.shape[0], train=not deterministic)
-        out = spec.route(logits_TxE, cfg, bias_E, key=key, capacity=capacity)
+        out = route(logits_TxE, cfg, bias_E, key=key, capacity=capacity, **extra)
         if (
             spec.token_choice
             and self.is_mutable_collection("moe_stats")
@@ -211,3 +222,22 @@ def update_expert_bias(
         return type(state)(new)
 
     return walk(moe_state, moe_stats, ())
+
+
+def set_router_temperature(moe_state: Any, tau: jax.Array) -> Any:
+    """Every `dts_tau` leaf of moe_state set to `tau` (stacked leaves, e.g. [layers] from
+    nn.scan, filled); other leaves pass through. What the train step does each step for a
+    router with a temperature schedule (`RouterSpec.temperature`)."""
+
+    def walk(state: Mapping) -> Mapping:
+        new = {}
+        for name, value in state.items():
+            if isinstance(value, Mapping):
+                new[name] = walk(value)
+            elif name == "dts_tau":
+                new[name] = jnp.full_like(value, tau)
+            else:
+                new[name] = value
+        return type(state)(new)
+
+    return walk(moe_state)

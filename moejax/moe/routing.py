@@ -281,6 +281,99 @@ def expert_choice_route(
     return _routing(weights_TxE, indices_TxE, probs_TxE, logits_TxE, num_experts)
 
 
+def dts_route(
+    logits_TxE: jax.Array,
+    cfg: MoEConfig,
+    expert_bias_E: jax.Array | None = None,
+    *,
+    key: jax.Array | None,
+    capacity: int | None = None,
+    tau: jax.Array,
+) -> Routing:
+    """EvoMoE's dense-to-sparse gate (DTS-Gate), the training route of router="dts".
+
+    Gates are softmax((logits + Gumbel noise) / tau) over the E experts. A token keeps its
+    cfg.max_k best gates, minus those below cfg.dts_threshold (its best gate always stays), so a
+    large tau (near-uniform gates) computes max_k experts per token and a small one about one.
+    Weights are the kept gates, renormalised over them when cfg.norm_topk_prob, times
+    cfg.routed_scaling_factor; the gradient reaches the logits through the gates.
+    Evaluation routes top-k on the logits instead (`dts_eval_route`).
+
+    Args:
+      logits_TxE: router logits.
+      cfg: max_k, dts_threshold, norm_topk_prob, routed_scaling_factor.
+      expert_bias_E, capacity: unused (the table rejects the bias).
+      key: PRNG key of the Gumbel noise (rng stream "router").
+      tau: float32 scalar temperature (`dts_tau` of the step, from collection "moe_state").
+
+    Returns:
+      Routing with K_max = max_k; unused places hold E, weight 0; probs are the noise-free,
+      temperature-free softmax of the logits (what the losses read).
+    """
+    del expert_bias_E, capacity
+    if key is None:
+        raise ValueError("router='dts' needs a PRNG key in training")
+    logits_TxE = logits_TxE.astype(jnp.float32)
+    probs_TxE = router_scores(logits_TxE, "softmax")
+    noise_TxE = jax.random.gumbel(key, logits_TxE.shape, jnp.float32)
+    gates_TxE = jax.nn.softmax((logits_TxE + noise_TxE) / tau, axis=-1)
+    top_TxK, indices_TxK = jax.lax.top_k(jax.lax.stop_gradient(gates_TxE), cfg.max_k)
+    keep_TxK = (top_TxK >= cfg.dts_threshold).at[:, 0].set(True)
+    weights_TxK = jnp.where(keep_TxK, jnp.take_along_axis(gates_TxE, indices_TxK, axis=-1), 0.0)
+    if cfg.norm_topk_prob:
+        weights_TxK = weights_TxK / weights_TxK.sum(axis=-1, keepdims=True)
+    weights_TxK = weights_TxK * cfg.routed_scaling_factor
+    indices_TxK = jnp.where(keep_TxK, indices_TxK, cfg.num_experts)
+    return _routing(weights_TxK, indices_TxK, probs_TxE, logits_TxE, cfg.num_experts)
+
+
+def dts_eval_route(
+    logits_TxE: jax.Array,
+    cfg: MoEConfig,
+    expert_bias_E: jax.Array | None = None,
+    *,
+    key: jax.Array | None = None,
+    capacity: int | None = None,
+) -> Routing:
+    """Evaluation and decoding of router="dts": top-`top_k` on the logits (no noise, no
+    temperature), widened to K_max = max_k with sentinel places so both routes have one shape."""
+    routing = topk_route(logits_TxE, cfg, expert_bias_E, key=key, capacity=capacity)
+    pad = ((0, 0), (0, cfg.max_k - cfg.top_k))
+    return _routing(
+        jnp.pad(routing.weights, pad),
+        jnp.pad(routing.indices, pad, constant_values=cfg.num_experts),
+        routing.probs,
+        routing.logits,
+        cfg.num_experts,
+    )
+
+
+def dts_tau(cfg: MoEConfig, step: jax.Array | int) -> jax.Array:
+    """The DTS temperature at optimizer step `step`: cosine from cfg.dts_tau_start to
+    cfg.dts_tau_end over cfg.dts_steps steps, then constant (float32 scalar)."""
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / cfg.dts_steps, 1.0)
+    start, end = cfg.dts_tau_start, cfg.dts_tau_end
+    return (end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))).astype(jnp.float32)
+
+
+def _validate_dts(cfg: MoEConfig) -> None:
+    _token_choice_only("dts")(cfg)
+    if cfg.max_k > cfg.num_experts:
+        raise ValueError(
+            f"MoEConfig.max_k={cfg.max_k} is invalid: must be <= num_experts={cfg.num_experts}"
+        )
+    if cfg.score_func != "softmax":
+        raise ValueError(
+            f"MoEConfig.score_func={cfg.score_func!r} is not supported with router='dts' "
+            "(its gate is a softmax); allowed value is 'softmax'"
+        )
+    if cfg.top_k > cfg.max_k:
+        raise ValueError(
+            f"MoEConfig.top_k={cfg.top_k} is invalid with router='dts': evaluation routes "
+            f"top_k, which must be <= max_k={cfg.max_k}"
+        )
+
+
 def _token_choice_only(router: str) -> Callable[[MoEConfig], None]:
     """Rejects the features that only top-k token choice has (bias, groups, null experts)."""
 
@@ -336,6 +429,12 @@ class RouterSpec:
         drop, balanced by construction).
       rng: the Flax rng stream the router draws from in training (None: deterministic).
       validate: raises ValueError for configs the router cannot serve (called by MoEConfig).
+      eval_route: the routing function of evaluation and decoding (deterministic=True), with
+        the same K_max; None: `route` serves both.
+      temperature: schedule (cfg, step) -> tau of a router that anneals a temperature: the
+        Router keeps it as `dts_tau` in collection "moe_state" (initialised at step 0) and
+        passes `tau=` to `route` in training; the train step sets it for each step
+        (`set_router_temperature`), so a resumed run continues the schedule exactly.
     """
 
     route: Callable[..., Routing]
@@ -343,6 +442,8 @@ class RouterSpec:
     token_choice: bool = True
     rng: str | None = None
     validate: Callable[[MoEConfig], None] = _valid
+    eval_route: Callable[..., Routing] | None = None
+    temperature: Callable[[MoEConfig, jax.Array | int], jax.Array] | None = None
 
 
 ROUTERS: dict[str, RouterSpec] = {
@@ -359,6 +460,14 @@ ROUTERS: dict[str, RouterSpec] = {
         max_k=lambda cfg: cfg.top_k,
         rng="router",
         validate=_token_choice_only("random"),
+    ),
+    "dts": RouterSpec(
+        dts_route,
+        max_k=lambda cfg: cfg.max_k,
+        rng="router",
+        validate=_validate_dts,
+        eval_route=dts_eval_route,
+        temperature=dts_tau,
     ),
 }
 

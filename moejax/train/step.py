@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import optax
 
 from moejax.layers import ModelConfig, Transformer
-from moejax.layers.router import update_expert_bias
+from moejax.layers.router import set_router_temperature, update_expert_bias
+from moejax.moe.routing import router_spec
 from moejax.train.state import StateSetup, TrainState
 
 # Aux scalars averaged into the metrics (the model's aux dict, see moejax.layers.Transformer).
@@ -104,6 +105,15 @@ def bias_update_rate(model_cfg: ModelConfig) -> BiasUpdate | None:
     return BiasUpdate(moe.bias_update_rate, moe.bias_update, moe.bias_update_schedule)
 
 
+def temperature_schedule(model_cfg: ModelConfig):
+    """step -> router temperature of a model whose router anneals one (router="dts"), else
+    None."""
+    moe = model_cfg.moe
+    if moe is None or router_spec(moe.router).temperature is None:
+        return None
+    return functools.partial(router_spec(moe.router).temperature, moe)
+
+
 def train_step(
     state: TrainState,
     tokens_BxL1: jax.Array,
@@ -112,6 +122,7 @@ def train_step(
     tx: optax.GradientTransformation,
     microbatches: int = 1,
     bias_rate: BiasUpdate | None = None,
+    temperature: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch of token windows.
 
@@ -126,6 +137,9 @@ def train_step(
         product of batch means, so with M > 1 it is computed per microbatch.
       bias_rate: the aux-loss-free expert-bias update (`bias_update_rate`: rate, rule,
         schedule); None leaves `moe_state` as it is.
+      temperature: `temperature_schedule(model_cfg)`: the router temperature in `moe_state`
+        is set to its value at the new step count (skipped steps count too), so the schedule
+        lives in the checkpointed state.
 
     Returns:
       (new_state, metrics): metrics are float32 scalars (loss, ce_loss, aux terms, grad_norm,
@@ -179,11 +193,14 @@ def train_step(
     def keep_if_finite(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
+    new_moe_state = keep_if_finite(new_moe_state, state.moe_state)
+    if temperature is not None:
+        new_moe_state = set_router_temperature(new_moe_state, temperature(state.step + 1))
     new_state = TrainState(
         step=state.step + 1,
         params=keep_if_finite(new_params, state.params),
         opt_state=keep_if_finite(new_opt_state, state.opt_state),
-        moe_state=keep_if_finite(new_moe_state, state.moe_state),
+        moe_state=new_moe_state,
         rng=rng,
         skipped=state.skipped + (~finite).astype(jnp.int32),
     )
@@ -213,6 +230,7 @@ def jit_train_step(setup: StateSetup, microbatches: int = 1):
         tx=setup.tx,
         microbatches=microbatches,
         bias_rate=bias_update_rate(setup.model_cfg),
+        temperature=temperature_schedule(setup.model_cfg),
     )
     replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
