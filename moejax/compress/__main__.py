@@ -35,15 +35,10 @@ from moejax.compress.prune import PRUNE_SCORES, prune_experts
 from moejax.compress.stats import routing_stats
 from moejax.train import data as data_lib
 from moejax.train.checkpoint import Checkpointer
-from moejax.train.state import (
-    TrainState,
-    abstract_state,
-    count_params,
-    create_train_state,
-    make_optimizer,
-)
+from moejax.train.state import TrainState, count_params
 from moejax.train.step import jit_eval_step
 from moejax.train.trainer import validate_config
+from moejax.train.warm_start import load_run, state_setup
 
 METHODS = ("merge", "prune")
 CALIB_SPLITS = ("val", "train")
@@ -63,38 +58,6 @@ def get_config() -> ml_collections.ConfigDict:
     path = pathlib.Path(__file__).with_name("config.json")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 '''
-
-
-def _state_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """A freshly initialised TrainState and its StateSetup for `config` on `mesh`."""
-    model_cfg = validate_config(config)
-    t = config.train
-    rules = None if config.mesh.rules is None else sharding.validate_rules(config.mesh.rules)
-    tx = make_optimizer(config.opt, t.steps)
-    return create_train_state(model_cfg, tx, mesh, rules, seq_len=t.seq_len, seed=t.seed)
-
-
-def load_run(workdir: str | Path, mesh: jax.sharding.Mesh, step: int | None = None):
-    """The config, TrainState and StateSetup of a run's checkpoint (default: the latest step).
-
-    Raises:
-      ValueError: no committed checkpoint under `workdir`/checkpoints.
-    """
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        raise ValueError(f"--workdir={workdir}: no checkpoints directory {directory}")
-    ckpt = Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"--workdir={workdir}: no committed checkpoint in {directory}")
-        # The config is read first: it says what shapes to restore the state into.
-        config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        state, setup = _state_setup(config, mesh)
-        restored = ckpt.restore(abstract_state(setup.state_shardings, state), step)
-    finally:
-        ckpt.close()
-    return config, restored[0], setup, step
 
 
 def _evaluate(setup, state: TrainState, batches: list[jax.Array]) -> float:
@@ -199,7 +162,7 @@ def compress_run(
             "the compressed model is not described by the run's config with "
             f"moe.num_experts={new_cfg.moe.num_experts}; cannot write it as a run"
         )
-    fresh, new_setup = _state_setup(new_config, mesh)
+    fresh, new_setup = state_setup(new_config, mesh)
     put = lambda tree, like: jax.tree.map(  # noqa: E731
         lambda x, y: jax.device_put(np.asarray(x, y.dtype), y.sharding), tree, like
     )

@@ -133,6 +133,18 @@ def train_section() -> ml_collections.ConfigDict:
     return train
 
 
+def init_section() -> ml_collections.ConfigDict:
+    """Where a new run's parameters come from (moejax.train.warm_start); a workdir holding a
+    checkpoint always resumes from it instead."""
+    init = ml_collections.ConfigDict()
+    init.from_checkpoint = placeholder(str)  # a run directory to start from; None = random init
+    init.step = placeholder(int)  # that run's checkpoint step; None = its latest
+    init.upcycle = placeholder(str)  # None (as is) or "copy"/"partition"/"shared" (dense -> MoE)
+    init.upcycle_noise = 0.0  # relative Gaussian noise on the upcycled experts
+    init.calibration_batches = 0  # validation batches grouping hidden units; 0 = random order
+    return init
+
+
 def base_config(
     model: ml_collections.ConfigDict, moe: ml_collections.ConfigDict | None
 ) -> ml_collections.ConfigDict:
@@ -143,7 +155,7 @@ def base_config(
       moe: from `moe_section`; None makes every layer's FFN dense.
 
     Returns:
-      An unlocked ConfigDict with sections model, moe, opt, data, mesh, train.
+      An unlocked ConfigDict with sections model, moe, opt, data, mesh, train, init.
     """
     config = ml_collections.ConfigDict()
     config.model = model
@@ -152,6 +164,7 @@ def base_config(
     config.data = data_section()
     config.mesh = mesh_section()
     config.train = train_section()
+    config.init = init_section()
     return config
 
 

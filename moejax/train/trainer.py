@@ -31,10 +31,12 @@ from moejax.train.checkpoint import Checkpointer
 from moejax.train.metrics import MetricsWriter, write_plots
 from moejax.train.state import abstract_state, count_params, create_train_state, make_optimizer
 from moejax.train.step import jit_eval_step, jit_train_step
+from moejax.train.warm_start import validate_init, warm_start
 
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("skip", "stop")
+# Required sections; `init` (moejax.train.warm_start) is optional, as in configs saved before it.
 SECTIONS = ("model", "moe", "opt", "data", "mesh", "train")
 
 # Per-device peak FLOP/s for the MFU estimate on accelerators the target table does not know
@@ -118,6 +120,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
     for name in ("eps", "weight_decay", "grad_clip"):
         v = o[name]
         _require(isinstance(v, int | float) and v >= 0, f"opt.{name}", v, "must be a number >= 0")
+    validate_init(config.get("init"))
     model_cfg = model_config_from_dict(
         config.model.to_dict(), None if config.moe is None else config.moe.to_dict()
     )
@@ -271,6 +274,14 @@ def train_and_evaluate(
     if restored is not None:
         state, data_state, _ = restored
         train_it.set_state(data_state)
+    elif config.get("init") is not None and config.init.from_checkpoint:
+        # A new run from another run's parameters (as they are, or upcycled); once this run
+        # has a checkpoint of its own it resumes from that instead.
+        calibration = [
+            np.asarray(jax.device_get(b))[:, :-1]  # model inputs, as the trainer feeds them
+            for b in eval_set[: config.init.calibration_batches]
+        ]
+        state = warm_start(config, state, setup, calibration=calibration or None)
     start_step = int(jax.device_get(state.step))
 
     step_fn = jit_train_step(setup, t.microbatches)
