@@ -79,6 +79,7 @@ MOE_VALUES = {
     "dts_threshold": (0.1, 0.02),
     "token_rounding": ("up", "down"),
     "rounding_tile": (8, 16),
+    "rounding_extra": (3, 4),
     "num_shared_experts": (2, 3),
     "shared_d_ff": (40, 48),
     "shared_expert_gate": (True, False),

@@ -13,9 +13,10 @@ from moejax.moe.routing import topk_route
 E, T = 8, 64
 
 
-def _reference(indices, weights, probs, mode, tile, scale=1.0):
-    """numpy loops: per expert, the picks by weight then the others by score; keep the first
-    rounded(n) of them. Returns dense [T, E] weights (0 = not computed)."""
+def _reference(indices, weights, probs, mode, tile, scale=1.0, extra=2):
+    """numpy loops: per expert, the picks by weight, then the tokens that have it among their
+    `extra` best unpicked experts by score; keep the first rounded(n) of them (rounding up only
+    as far as those candidates reach). Returns dense [T, E] weights (0 = not computed)."""
     t, e = probs.shape[0], E
     chosen = np.zeros((t, e), bool)
     w = np.zeros((t, e))
@@ -24,14 +25,20 @@ def _reference(indices, weights, probs, mode, tile, scale=1.0):
             if j < e:
                 chosen[i, j] = True
                 w[i, j] += weights[i, k]
+    candidate = np.zeros((t, e), bool)
+    if mode != "down":
+        for i in range(t):
+            unpicked = [j for j in np.argsort(-probs[i, :e], kind="stable") if not chosen[i, j]]
+            candidate[i, unpicked[:extra]] = True
     out = np.zeros((t, e))
     for j in range(e):
         n = chosen[:, j].sum()
+        room = min(t, n + candidate[:, j].sum())
         down, up = n // tile * tile, -(-n // tile) * tile
-        up = up if up <= t else down
+        up = up if up <= room else down
         target = {"down": down, "up": up, "nearest": down if n - down < up - n else up}[mode]
         picks = sorted(np.flatnonzero(chosen[:, j]), key=lambda i: (-w[i, j], i))
-        others = sorted(np.flatnonzero(~chosen[:, j]), key=lambda i: (-probs[i, j], i))
+        others = sorted(np.flatnonzero(candidate[:, j]), key=lambda i: (-probs[i, j], i))
         for i in (picks + others)[:target]:
             out[i, j] = w[i, j] if chosen[i, j] else probs[i, j] * scale
     return out
@@ -67,11 +74,13 @@ def test_rounding_matches_numpy_reference(mode, nulls):
     counts = (_dense(out) > 0).sum(axis=0)
     assert (counts % 8 == 0).all(), counts
     picked = _dense(routing) > 0
-    if mode == "down":  # a subset of the picks, in the original K places
-        assert out.indices.shape == routing.indices.shape
+    width = routing.indices.shape[1] + (0 if mode == "down" else cfg.rounding_extra)
+    assert out.indices.shape == (T, width)
+    if mode == "down":  # a subset of the picks
         assert not ((_dense(out) > 0) & ~picked).any()
-    if mode == "up":  # a superset
+    if mode == "up":  # a superset, and a strict one here
         assert not (picked & ~(_dense(out) > 0)).any()
+        assert (_dense(out) > 0).sum() > picked.sum()
     np.testing.assert_array_equal(np.asarray(out.experts_per_token), (_dense(out) > 0).sum(1))
 
 
@@ -104,6 +113,9 @@ def test_rounded_counts_edges():
     np.testing.assert_array_equal(rounded_counts(c, 8, "nearest", 64), [0, 0, 8, 8, 8, 8, 64])
     # More rows than tokens is impossible: round down instead.
     np.testing.assert_array_equal(rounded_counts(jnp.array([61]), 8, "up", 62), [56])
+    # Nor more than the expert's picks plus candidates.
+    room = jnp.array([0, 1, 8, 7, 8, 16, 64])
+    np.testing.assert_array_equal(rounded_counts(c, 8, "up", 64, room), [0, 0, 8, 0, 8, 16, 64])
 
 
 def test_moe_block_rounds_in_training_only():
@@ -131,6 +143,7 @@ def test_moe_block_rounds_in_training_only():
         (dict(token_rounding="floor"), "token_rounding"),
         (dict(token_rounding="up", router="expert_choice"), "token_rounding"),
         (dict(rounding_tile=0), "rounding_tile"),
+        (dict(rounding_extra=0), "rounding_extra"),
     ],
 )
 def test_bad_rounding_config_names_the_field(kw, field):

@@ -221,6 +221,11 @@ class MoEConfig:
     rounding_tile: int | None = _field(
         None, "rows the counts are rounded to; None means execution.gmm_tile"
     )
+    rounding_extra: int = _field(
+        2,
+        "token_rounding 'up'/'nearest': a token may be added to its rounding_extra best experts "
+        "it did not pick (the routing widens by that many places)",
+    )
     num_shared_experts: int = _field(0, "always-on experts added to the routed output")
     shared_d_ff: int | None = _field(
         None,
@@ -258,6 +263,7 @@ class MoEConfig:
         _check_choice(c, "token_rounding", self.token_rounding, TOKEN_ROUNDINGS)
         if self.rounding_tile is not None:
             _check_int(c, "rounding_tile", self.rounding_tile)
+        _check_int(c, "rounding_extra", self.rounding_extra)
         if self.token_rounding != "none" and not router_spec(self.router).token_choice:
             _fail(
                 c,
