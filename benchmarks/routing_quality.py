@@ -10,6 +10,8 @@ one routing change, in this process, one after the other, and reports:
   experts/token   real experts per token, measured on the validation batches (aux
                   "experts_per_token", the mean over MoE layers; null picks and unused top-p
                   places are not counted; expert choice: the mean experts a token got);
+  train experts/token  the same in training, the mean of the logged steps (token rounding and
+                  the DTS gate compute other rows in training than in evaluation);
   expert GFLOP/tok  forward FLOPs of the routed experts per token over all layers,
                   experts/token x 3 matmuls x 2 x D x F x layers (the dense row: its FFN);
   vs top-2        that, relative to the top-2 row;
@@ -55,6 +57,22 @@ ROWS = {
     "adamoe": ("AdaMoE: top-2 + 4 null experts", _row(num_null_experts=4)),
     "top_p": ("top-p, p=0.4, max_k=4", _row(router="top_p", top_p=0.4, max_k=4)),
     "expert_choice": ("expert choice, C = T*2/E", _row(router="expert_choice")),
+    "round_up": (
+        "top-2, token rounding up (tile 128)",
+        _row(token_rounding="up", rounding_tile=128),
+    ),
+    "round_down": (
+        "top-2, token rounding down (tile 128)",
+        _row(token_rounding="down", rounding_tile=128),
+    ),
+    "round_nearest": (
+        "top-2, token rounding nearest (tile 128)",
+        _row(token_rounding="nearest", rounding_tile=128),
+    ),
+    "dts": (
+        "DTS gate (tau 2 -> 0.1, max_k 4; eval top-2)",
+        _row(router="dts", max_k=4, dts_steps=500),
+    ),
 }
 
 
@@ -68,18 +86,24 @@ def run_row(name: str, steps: int, workdir: pathlib.Path) -> dict:
     t0 = time.time()
     summary = train_and_evaluate(config, str(workdir / name), progress=False)
     wall = time.time() - t0
-    last_eval = read_metrics(workdir / name)["eval"][-1]
+    metrics = read_metrics(workdir / name)
+    last_eval = metrics["eval"][-1]
     m = config.model
     if config.moe is None:
         experts, flops = None, 3 * 2 * m.d_model * m.d_ff * m.num_layers
+        train_experts = None
     else:
         experts = last_eval["experts_per_token"]
+        # Training may compute other rows than evaluation (token rounding, the DTS gate).
+        train = metrics["train"]
+        train_experts = sum(r["experts_per_token"] for r in train) / len(train)
         flops = experts * 3 * 2 * m.d_model * config.moe.d_ff * m.num_layers
     return {
         "row": name,
         "label": label,
         "val_loss": summary["eval_losses"][-1][1],
         "experts_per_token": experts,
+        "train_experts_per_token": train_experts,
         "expert_gflop_per_token": flops / 1e9,
         "null_fraction": last_eval.get("null_fraction"),
         "wall_s": wall,
@@ -90,6 +114,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {list(ROWS)}")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="rerun --rows only and keep the other rows of the last results (same --steps); "
+        "rows are deterministic, so this is what a full run would give once the code changed "
+        "for those rows alone",
+    )
     args = parser.parse_args()
     names = args.rows.split(",")
     unknown = sorted(set(names) - set(ROWS))
@@ -101,17 +132,30 @@ def main() -> None:
             results.append(run_row(name, args.steps, pathlib.Path(tmp)))
             r = results[-1]
             print(f"{r['label']:40s} val {r['val_loss']:.4f}  {r['wall_s']:.0f}s", flush=True)
+    if args.update:
+        old = json.loads((RESULTS / "routing_quality.json").read_text())
+        fresh = {r["row"]: r for r in results}
+        if any(r.get("steps", args.steps) != args.steps for r in old):
+            parser.error("--update: the last results were run with other --steps")
+        results = [fresh.pop(r["row"], r) for r in old] + list(fresh.values())
+        for r in results:
+            r["updated"] = r["row"] in set(names)
+    for r in results:
+        r["steps"] = args.steps
     ref = next((r for r in results if r["row"] == "top2"), None)
     lines = [
         f"steps {args.steps} per row, configs/tiny.py's model and data; {platform.node()}",
         "",
-        "| routing | val loss | experts/token | expert GFLOP/token | vs top-2 | wall s |",
-        "|---|---|---|---|---|---|",
+        "| routing | val loss | experts/token | train experts/token | expert GFLOP/token "
+        "| vs top-2 | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rel = r["expert_gflop_per_token"] / ref["expert_gflop_per_token"] if ref else None
         ratio = "-" if rel is None else f"{rel:.2f}x"
         per_tok = "-" if r["experts_per_token"] is None else f"{r['experts_per_token']:.2f}"
+        k_train = r.get("train_experts_per_token")
+        per_tok += " | " + ("-" if k_train is None else f"{k_train:.2f}")
         lines.append(
             f"| {r['label']} | {r['val_loss']:.4f} | {per_tok} | "
             f"{r['expert_gflop_per_token']:.5f} | {ratio} | {r['wall_s']:.0f} |"
@@ -119,13 +163,12 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "routing_quality.md").write_text(
-        f"Command: `python benchmarks/routing_quality.py --steps {args.steps}"
-        + (f" --rows {args.rows}" if args.rows != ",".join(ROWS) else "")
-        + "`\n\n"
-        + table
-        + "\n"
-    )
+    command = f"`python benchmarks/routing_quality.py --steps {args.steps}`"
+    if args.update:
+        command += f", then `... --rows {args.rows} --update` after a change to those rows"
+    elif args.rows != ",".join(ROWS):
+        command = command[:-1] + f" --rows {args.rows}`"
+    (RESULTS / "routing_quality.md").write_text(f"Command: {command}\n\n{table}\n")
     (RESULTS / "routing_quality.json").write_text(json.dumps(results, indent=1))
 
 
