@@ -62,8 +62,12 @@ def moejax_config(row: str, overrides: dict):
         config.moe = None
     config.train.update(batch_size=B, seq_len=L)
     for key, value in overrides.items():
-        section, name = key.split(".")
-        config[section][name] = value
+        *path, name = key.split(".")
+        section = config
+        for part in path:
+            section = section[part]
+        if section is not None:  # moe.* overrides do not apply to the dense rows
+            section[name] = value
     return config
 
 

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.layers.attention import Attention, causal_mask, dot_product_attention
+from moejax.layers.attention import (
+    QUERY_BLOCKS,
+    Attention,
+    causal_attention,
+    causal_mask,
+    dot_product_attention,
+)
 from moejax.layers.common import Embed, RMSNorm, apply_rope, rope_inv_freq
 from moejax.layers.config import ModelConfig
 
@@ -131,6 +137,35 @@ def test_dot_product_attention_matches_reference_fwd_and_grad(heads, kv_heads):
     ref_grads = jax.jit(jax.grad(lambda *a: jnp.sum(ref_attention(*a, mask, 0.3) * cot), (0, 1, 2)))
     for g, r in zip(grads(q, kk, v), ref_grads(q, kk, v), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [128, 136, 130])
+def test_blocked_causal_attention_matches_reference_fwd_and_grad(length):
+    """L = 128 and 136 run in QUERY_BLOCKS query blocks (each over the keys up to its end), 130
+    unblocked: all equal the full masked reference, forward and backward."""
+    rng = np.random.default_rng(5)
+    b, heads, kv_heads, k = 2, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, length, heads, k)), jnp.float32)
+    kk = jnp.asarray(rng.normal(size=(b, length, kv_heads, k)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, length, kv_heads, k)), jnp.float32)
+    slots = jnp.arange(length)
+    mask = np.tril(np.ones((length, length), bool))
+    out = causal_attention(q, kk, v, slots, slots, scale=0.3)
+    np.testing.assert_allclose(out, ref_attention(q, kk, v, mask, 0.3), rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+    grads = jax.grad(
+        lambda *a: jnp.sum(causal_attention(*a, slots, slots, scale=0.3) * cot), (0, 1, 2)
+    )
+    ref_grads = jax.grad(lambda *a: jnp.sum(ref_attention(*a, mask, 0.3) * cot), (0, 1, 2))
+    for g, r in zip(grads(q, kk, v), ref_grads(q, kk, v), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    # The blocked path really is taken on CPU (QUERY_BLOCKS score matmuls), and only there.
+    f = jax.jit(lambda *a: causal_attention(*a, slots, slots, scale=0.3))
+    blocked = length % QUERY_BLOCKS == 0
+    cpu = f.trace(q, kk, v).lower(lowering_platforms=("cpu",)).as_text()
+    assert cpu.count("stablehlo.dot_general") == (2 * QUERY_BLOCKS if blocked else 2)
+    gpu = f.trace(q, kk, v).lower(lowering_platforms=("cuda",)).as_text()
+    assert gpu.count("stablehlo.dot_general") == 2
 
 
 def test_dot_product_attention_rejects_bad_head_counts():

@@ -92,6 +92,60 @@ def dot_product_attention(
     return out_BxLxNxGxK.reshape(b, length, h, v_BxSxNxK.shape[-1])
 
 
+# On CPU, causal self-attention without a cache runs in this many query blocks, block i attending to
+# keys 0 .. (i + 1) * L / 4 only: 10/16 of the score matrix, the rest being exact zeros after
+# the softmax. Measured on the 2-core CPU (B8 L256 H4 K64, fwd+bwd): 23 ms against 47 ms for
+# the full matrix; 2 blocks gave 26 ms, 8 blocks 34 ms. Shorter sequences run unblocked.
+QUERY_BLOCKS = 4
+_MIN_BLOCKED_LENGTH = 128
+
+
+def causal_attention(
+    q_BxLxHxK: jax.Array,
+    k_BxSxNxK: jax.Array,
+    v_BxSxNxK: jax.Array,
+    q_slots_L: jax.Array,
+    k_slots_S: jax.Array,
+    *,
+    scale: float,
+) -> jax.Array:
+    """Causal `dot_product_attention` of queries at q_slots_L over keys at k_slots_S.
+
+    On CPU, without a cache (L == S, the same slots) and for L >= 128 divisible by
+    QUERY_BLOCKS, the queries run in QUERY_BLOCKS blocks, each over the keys up to its last
+    slot: the keys it skips are masked for all of its queries, so each row's softmax and output
+    are the same sums with fewer exact zeros. Otherwise (other platforms, decoding over a
+    cache, short or odd lengths) it is one masked attention over all S keys.
+
+    Returns:
+      [B, L, H, K] in v's dtype.
+    """
+    length, keys = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
+    blocks = QUERY_BLOCKS
+    if length != keys or length < _MIN_BLOCKED_LENGTH or length % blocks:
+        mask_LxS = causal_mask(q_slots_L, k_slots_S)
+        return dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask_LxS, scale=scale)
+    size = length // blocks
+
+    def blocked(q, k, v):
+        outs = []
+        for i in range(blocks):
+            rows, seen = slice(i * size, (i + 1) * size), slice(0, (i + 1) * size)
+            mask = causal_mask(q_slots_L[rows], k_slots_S[seen])
+            outs.append(
+                dot_product_attention(q[:, rows], k[:, seen], v[:, seen], mask, scale=scale)
+            )
+        return jnp.concatenate(outs, axis=1)
+
+    def full(q, k, v):
+        mask_LxS = causal_mask(q_slots_L, k_slots_S)
+        return dot_product_attention(q, k, v, mask_LxS, scale=scale)
+
+    # Blocked on CPU only: compiled for TPU and GPU (deviceless too) the step keeps the one
+    # attention, whose layout those compilers already handle without extra copies.
+    return jax.lax.platform_dependent(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, cpu=blocked, default=full)
+
+
 def _kernel_init(in_axis, out_axis, names: tuple[str, ...]):
     # lecun_normal with explicit fan axes: the default treats a 3-D kernel as a conv and would
     # count H (or D) into fan_in.
@@ -99,6 +153,18 @@ def _kernel_init(in_axis, out_axis, names: tuple[str, ...]):
         1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
     )
     return nn.with_logical_partitioning(init, names)
+
+
+def flat_matmul(x_BxLxD: jax.Array, w_DxF: jax.Array, dtype) -> jax.Array:
+    """x [..., D] @ w [D, F] -> [..., F] in `dtype`, as one 2-D dot on the flattened tokens.
+
+    The same math as the einsum on [B, L, D], which XLA:CPU runs at about half the speed (its
+    backward contracts the weight gradient over two axes); the reshapes are bitcasts, and the
+    callers' sharding constraints stay on the 3-D/4-D views.
+    """
+    lead = x_BxLxD.shape[:-1]
+    x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(dtype)
+    return (x_TxD @ w_DxF.astype(dtype)).reshape(*lead, w_DxF.shape[-1])
 
 
 class HeadProjection(nn.Module):
@@ -116,7 +182,9 @@ class HeadProjection(nn.Module):
         shape = (x_BxLxD.shape[-1], self.heads, self.head_dim)
         init = _kernel_init(0, (1, 2), ("embed", self.heads_axis, "head_dim"))
         kernel = self.param("kernel", init, shape, self.param_dtype)
-        y = jnp.einsum("bld,dhk->blhk", x_BxLxD.astype(self.dtype), kernel.astype(self.dtype))
+        y = flat_matmul(x_BxLxD, kernel.reshape(shape[0], -1), self.dtype).reshape(
+            *x_BxLxD.shape[:-1], *shape[1:]
+        )
         if self.use_bias:
             bias_init = nn.with_logical_partitioning(
                 nn.initializers.zeros, (self.heads_axis, "head_dim")
@@ -138,7 +206,8 @@ class OutProjection(nn.Module):
         shape = (*x_BxLxHxK.shape[-2:], self.d_model)
         init = _kernel_init((0, 1), 2, ("heads", "head_dim", "embed"))
         kernel = self.param("kernel", init, shape, self.param_dtype)
-        return jnp.einsum("blhk,hkd->bld", x_BxLxHxK.astype(self.dtype), kernel.astype(self.dtype))
+        x_BxLxF = x_BxLxHxK.reshape(*x_BxLxHxK.shape[:-2], -1)
+        return flat_matmul(x_BxLxF, kernel.reshape(-1, self.d_model), self.dtype)
 
 
 class Attention(nn.Module):
@@ -221,12 +290,8 @@ class Attention(nn.Module):
         else:
             k_BxSxNxK, v_BxSxNxK = k_BxLxNxK, v_BxLxNxK
             k_slots_S = q_slots_L
-        out_BxLxHxK = dot_product_attention(
-            q_BxLxHxK,
-            k_BxSxNxK,
-            v_BxSxNxK,
-            causal_mask(q_slots_L, k_slots_S),
-            scale=k**-0.5,
+        out_BxLxHxK = causal_attention(
+            q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, q_slots_L, k_slots_S, scale=k**-0.5
         )
         out_BxLxHxK = nn.with_logical_constraint(
             out_BxLxHxK, ("batch", "length", "heads", "head_dim")

@@ -97,6 +97,9 @@ class Embed(nn.Module):
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
         """Tied output head: x @ embedding.T -> logits [B, L, V] in float32."""
-        table = self.embedding.astype(self.dtype)
-        logits = jnp.einsum("bld,vd->blv", x_BxLxD.astype(self.dtype), table)
-        return logits.astype(jnp.float32)
+        table_VxD = self.embedding.astype(self.dtype)
+        # One 2-D dot on the flattened tokens (XLA:CPU runs the [B, L, D] einsum at about half
+        # speed); the reshapes are bitcasts.
+        x_TxD = x_BxLxD.reshape(-1, x_BxLxD.shape[-1]).astype(self.dtype)
+        logits_TxV = jax.lax.dot_general(x_TxD, table_VxD, (((1,), (1,)), ((), ())))
+        return logits_TxV.reshape(*x_BxLxD.shape[:-1], -1).astype(jnp.float32)

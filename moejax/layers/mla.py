@@ -33,8 +33,7 @@ from moejax.layers.attention import (
     OutProjection,
     _kernel_init,
     cache_slots,
-    causal_mask,
-    dot_product_attention,
+    causal_attention,
 )
 from moejax.layers.common import RMSNorm, apply_rope
 from moejax.layers.config import ModelConfig
@@ -139,12 +138,8 @@ class MLA(nn.Module):
         )
         v_BxSxHxV = kv_BxSxHxPV[..., p:]
         q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", *heads_axes))
-        out_BxLxHxV = dot_product_attention(
-            q_BxLxHxK,
-            k_BxSxHxK,
-            v_BxSxHxV,
-            causal_mask(q_slots_L, k_slots_S),
-            scale=(p + r) ** -0.5,
+        out_BxLxHxV = causal_attention(
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxV, q_slots_L, k_slots_S, scale=(p + r) ** -0.5
         )
         out_BxLxHxV = nn.with_logical_constraint(out_BxLxHxV, ("batch", "length", *heads_axes))
         y_BxLxD = OutProjection(d, dtype, pdtype, name="o")(out_BxLxHxV)

@@ -61,7 +61,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.attention import Attention
+from moejax.layers.attention import Attention, flat_matmul
 from moejax.layers.common import Embed, RMSNorm
 from moejax.layers.config import ModelConfig
 from moejax.layers.mlp import MLP
@@ -361,8 +361,7 @@ class LMHead(nn.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab"))
         kernel = self.param("kernel", init, (x_BxLxD.shape[-1], self.vocab_size), self.param_dtype)
-        logits = jnp.einsum("bld,dv->blv", x_BxLxD.astype(self.dtype), kernel.astype(self.dtype))
-        return logits.astype(jnp.float32)
+        return flat_matmul(x_BxLxD, kernel, self.dtype).astype(jnp.float32)
 
 
 def _model_aux(auxes: list[dict]) -> dict:
