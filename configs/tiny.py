@@ -6,10 +6,10 @@ Command (this is also what `python -m moejax.train` runs with no flags):
 
 Expected (measured on the 2-core CPU): 500 steps in 2m23s wall with the machine nearly idle
 (3m43s lightly shared, 11 min when loaded ~6x over by other jobs); validation cross-entropy
-falls from ~5.5 nats/byte (uniform over 256 bytes) to 1.409 nats/byte (2.03 bits/byte); the
-per-layer expert load ends near uniform (0.105-0.156 per expert, balanced = 0.125). Losses
-are deterministic: the same numbers on every run. Any field can be overridden, e.g.
-`--config.moe.num_experts=16 --config.train.steps=100`.
+falls from ~5.5 nats/byte (uniform over 256 bytes) to 1.414 nats/byte (2.04 bits/byte; 1.409
+before the CPU train-step changes); the per-layer expert load ends near uniform (0.105-0.156
+per expert, balanced = 0.125). Losses are deterministic: the same numbers on every run. Any
+field can be overridden, e.g. `--config.moe.num_experts=16 --config.train.steps=100`.
 """
 
 import ml_collections
