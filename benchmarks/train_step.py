@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 
 from moejax import sharding  # noqa: E402
 from moejax.train import config_defaults as defaults  # noqa: E402
-from moejax.train.state import count_params, create_train_state, make_optimizer  # noqa: E402
+from moejax.train.state import count_params  # noqa: E402
 from moejax.train.step import jit_train_step  # noqa: E402
-from moejax.train.trainer import _flops_per_token, validate_config  # noqa: E402
+from moejax.train.trainer import _flops_per_token  # noqa: E402
+from moejax.train.warm_start import state_setup  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 V, D, LAYERS, HEADS, L, B, E, K, F_EXPERT = 256, 256, 4, 4, 256, 8, 8, 2, 512
@@ -74,10 +75,9 @@ def moejax_config(row: str, overrides: dict):
 def moejax_step(row: str, overrides: dict):
     """(thunk running one train step, model FLOPs per step)."""
     config = moejax_config(row, overrides)
-    model_cfg = validate_config(config)
     mesh = sharding.make_mesh(data=1)
-    tx = make_optimizer(config.opt, 1000)
-    state, setup = create_train_state(model_cfg, tx, mesh, None, seq_len=L, seed=0)
+    state, setup = state_setup(config, mesh)
+    model_cfg = setup.model_cfg
     step = jit_train_step(setup)
     tokens = jax.random.randint(jax.random.key(0), (B, L + 1), 0, V, dtype=jnp.int32)
     box = [state]

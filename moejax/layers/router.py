@@ -229,15 +229,7 @@ def set_router_temperature(moe_state: Any, tau: jax.Array) -> Any:
     nn.scan, filled); other leaves pass through. What the train step does each step for a
     router with a temperature schedule (`RouterSpec.temperature`)."""
 
-    def walk(state: Mapping) -> Mapping:
-        new = {}
-        for name, value in state.items():
-            if isinstance(value, Mapping):
-                new[name] = walk(value)
-            elif name == "dts_tau":
-                new[name] = jnp.full_like(value, tau)
-            else:
-                new[name] = value
-        return type(state)(new)
+    def fill(path, value):
+        return jnp.full_like(value, tau) if path[-1].key == "dts_tau" else value
 
-    return walk(moe_state)
+    return jax.tree_util.tree_map_with_path(fill, moe_state)

@@ -199,6 +199,19 @@ def random_route(
     return _pick_top_k(draw_TxE, probs_TxE, logits_TxE, cfg)
 
 
+def _kept_places(gate_TxE, indices_TxK, keep_TxK, probs_TxE, logits_TxE, cfg: MoEConfig) -> Routing:
+    """Routing of a token-choice router that keeps a prefix of its ranked places (top-p, DTS):
+    weights are gate_TxE at the kept places (renormalised over them when cfg.norm_topk_prob,
+    times cfg.routed_scaling_factor); the other places hold E, weight 0."""
+    gathered_TxK = jnp.take_along_axis(gate_TxE, indices_TxK, axis=-1)
+    weights_TxK = jnp.where(keep_TxK, gathered_TxK, 0.0)
+    if cfg.norm_topk_prob:
+        weights_TxK = weights_TxK / weights_TxK.sum(axis=-1, keepdims=True)
+    weights_TxK = weights_TxK * cfg.routed_scaling_factor
+    indices_TxK = jnp.where(keep_TxK, indices_TxK, cfg.num_experts)
+    return _routing(weights_TxK, indices_TxK, probs_TxE, logits_TxE, cfg.num_experts)
+
+
 def top_p_route(
     logits_TxE: jax.Array,
     cfg: MoEConfig,
@@ -231,12 +244,7 @@ def top_p_route(
     share_TxK = top_TxK / sel_TxE.sum(axis=-1, keepdims=True)
     before_TxK = jnp.cumsum(share_TxK, axis=-1) - share_TxK
     keep_TxK = before_TxK < cfg.top_p  # the first place always (0 < top_p)
-    weights_TxK = jnp.where(keep_TxK, jnp.take_along_axis(probs_TxE, indices_TxK, axis=-1), 0.0)
-    if cfg.norm_topk_prob:
-        weights_TxK = weights_TxK / weights_TxK.sum(axis=-1, keepdims=True)
-    weights_TxK = weights_TxK * cfg.routed_scaling_factor
-    indices_TxK = jnp.where(keep_TxK, indices_TxK, cfg.num_experts)
-    return _routing(weights_TxK, indices_TxK, probs_TxE, logits_TxE, cfg.num_experts)
+    return _kept_places(probs_TxE, indices_TxK, keep_TxK, probs_TxE, logits_TxE, cfg)
 
 
 def expert_choice_route(
@@ -319,12 +327,7 @@ def dts_route(
     gates_TxE = jax.nn.softmax((logits_TxE + noise_TxE) / tau, axis=-1)
     top_TxK, indices_TxK = jax.lax.top_k(jax.lax.stop_gradient(gates_TxE), cfg.max_k)
     keep_TxK = (top_TxK >= cfg.dts_threshold).at[:, 0].set(True)
-    weights_TxK = jnp.where(keep_TxK, jnp.take_along_axis(gates_TxE, indices_TxK, axis=-1), 0.0)
-    if cfg.norm_topk_prob:
-        weights_TxK = weights_TxK / weights_TxK.sum(axis=-1, keepdims=True)
-    weights_TxK = weights_TxK * cfg.routed_scaling_factor
-    indices_TxK = jnp.where(keep_TxK, indices_TxK, cfg.num_experts)
-    return _routing(weights_TxK, indices_TxK, probs_TxE, logits_TxE, cfg.num_experts)
+    return _kept_places(gates_TxE, indices_TxK, keep_TxK, probs_TxE, logits_TxE, cfg)
 
 
 def dts_eval_route(
@@ -358,10 +361,7 @@ def dts_tau(cfg: MoEConfig, step: jax.Array | int) -> jax.Array:
 
 def _validate_dts(cfg: MoEConfig) -> None:
     _token_choice_only("dts")(cfg)
-    if cfg.max_k > cfg.num_experts:
-        raise ValueError(
-            f"MoEConfig.max_k={cfg.max_k} is invalid: must be <= num_experts={cfg.num_experts}"
-        )
+    _check_max_k(cfg)
     if cfg.score_func != "softmax":
         raise ValueError(
             f"MoEConfig.score_func={cfg.score_func!r} is not supported with router='dts' "
@@ -405,12 +405,16 @@ def _validate_topk(cfg: MoEConfig) -> None:
         )
 
 
-def _validate_top_p(cfg: MoEConfig) -> None:
-    _token_choice_only("top_p")(cfg)
+def _check_max_k(cfg: MoEConfig) -> None:
     if cfg.max_k > cfg.num_experts:
         raise ValueError(
             f"MoEConfig.max_k={cfg.max_k} is invalid: must be <= num_experts={cfg.num_experts}"
         )
+
+
+def _validate_top_p(cfg: MoEConfig) -> None:
+    _token_choice_only("top_p")(cfg)
+    _check_max_k(cfg)
 
 
 def _valid(cfg: MoEConfig) -> None:
