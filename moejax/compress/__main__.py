@@ -143,7 +143,10 @@ def compress_run(
             corpus, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.data.seed
         )
     # Model inputs: the windows without their last token (the trainer's targets).
-    calib = [np.asarray(b)[:, :-1] for _, b in zip(range(calib_batches), source, strict=False)]
+    calib = [
+        np.asarray(data_lib.batch_tokens(b))[:, :-1]
+        for _, b in zip(range(calib_batches), source, strict=False)
+    ]
 
     variables = {"params": state.params}
     if state.moe_state:

@@ -11,7 +11,13 @@ Parameters of `Attention` (logical axis names in brackets):
   o/kernel [H, K, D] ("heads", "head_dim", "embed")
   q_norm/scale, k_norm/scale ("norm",): [K] for qk_norm="head", [H*K] / [N*K] for "full".
 Cache (collection "cache", created by the first decode call): cached_key / cached_value
-[B, max_len, N, K] in the compute dtype, cache_index int32 scalar (next slot to write).
+[B, max_len, N, K] in the compute dtype, cached_segment [B, max_len] int32 (each slot's segment
+id: left padding of a batched prompt is 0 and never attended), cache_index int32 scalar (next
+slot to write).
+
+Segments: packed sequences carry segment ids [B, L] (0 = padding, 1, 2, ... the documents); a
+query attends to the keys of its own segment only, causally. Without segment ids every position
+is one segment.
 """
 
 from __future__ import annotations
@@ -24,9 +30,35 @@ from moejax.layers.common import RMSNorm, apply_rope
 from moejax.layers.config import ModelConfig
 
 
-def causal_mask(q_slots_L: jax.Array, k_slots_S: jax.Array) -> jax.Array:
-    """[L, S] bool: query at sequence slot i may see the key at slot j iff j <= i."""
-    return k_slots_S[None, :] <= q_slots_L[:, None]
+def causal_mask(
+    q_slots_L: jax.Array,
+    k_slots_S: jax.Array,
+    q_segments_BxL: jax.Array | None = None,
+    k_segments_BxS: jax.Array | None = None,
+) -> jax.Array:
+    """Query at sequence slot i may see the key at slot j iff j <= i (and, with segment ids,
+    both are in the same segment): [L, S] bool, or [B, L, S] with segments."""
+    mask_LxS = k_slots_S[None, :] <= q_slots_L[:, None]
+    if q_segments_BxL is None:
+        return mask_LxS
+    same_BxLxS = q_segments_BxL[:, :, None] == k_segments_BxS[:, None, :]
+    return mask_LxS[None] & same_BxLxS
+
+
+def segment_positions(segment_ids_BxL: jax.Array) -> jax.Array:
+    """int32 [B, L] position of each token inside its segment (0 at each segment's first token):
+    the RoPE positions of packed documents. A segment is a run of equal ids."""
+    b, length = segment_ids_BxL.shape
+    slots_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    new_BxL = jnp.concatenate(
+        [
+            jnp.ones((b, 1), bool),
+            segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1],
+        ],
+        axis=1,
+    )
+    start_BxL = jax.lax.cummax(jnp.where(new_BxL, slots_BxL, 0), axis=1)
+    return slots_BxL - start_BxL
 
 
 def cache_slots(
@@ -56,6 +88,21 @@ def cache_slots(
     return index, start, q_slots_L, positions_BxL
 
 
+def cache_segments(
+    module: nn.Module, segment_ids_BxL: jax.Array | None, batch: int, length: int, start
+) -> tuple[jax.Array, jax.Array]:
+    """Writes a decode call's segment ids (None: 1s) into the cache's `cached_segment`
+    [B, max_len] at slots start .. start + L - 1: (query segments [B, L], key segments
+    [B, max_len]). Unwritten slots hold 0 and are masked causally anyway."""
+    max_len = module.cfg.max_len
+    cached = module.variable("cache", "cached_segment", jnp.zeros, (batch, max_len), jnp.int32)
+    if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.ones((batch, length), jnp.int32)
+    segment_ids_BxL = segment_ids_BxL.astype(jnp.int32)
+    cached.value = jax.lax.dynamic_update_slice(cached.value, segment_ids_BxL, (0, start))
+    return segment_ids_BxL, cached.value
+
+
 def dot_product_attention(
     q_BxLxHxK: jax.Array,
     k_BxSxNxK: jax.Array,
@@ -70,7 +117,8 @@ def dot_product_attention(
 
     Args:
       q_BxLxHxK, k_BxSxNxK, v_BxSxNxK: queries, keys, values (any float dtype).
-      mask_LxS: True where attending is allowed (broadcast over batch and heads).
+      mask_LxS: True where attending is allowed: [L, S] (broadcast over batch and heads) or
+        [B, L, S] (broadcast over heads).
       scale: multiplies the scores (1/sqrt(K) for standard attention).
 
     Returns:
@@ -85,6 +133,8 @@ def dot_product_attention(
         "blngk,bsnk->bngls", q_BxLxNxGxK, k_BxSxNxK, preferred_element_type=jnp.float32
     )
     scores_BxNxGxLxS = scores_BxNxGxLxS * scale
+    if mask_LxS.ndim == 3:
+        mask_LxS = mask_LxS[:, None, None]
     # A finite fill (not -inf) keeps fully masked rows NaN-free; every real row has >= 1 key.
     scores_BxNxGxLxS = jnp.where(mask_LxS, scores_BxNxGxLxS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores_BxNxGxLxS, axis=-1).astype(v_BxSxNxK.dtype)
@@ -108,8 +158,11 @@ def causal_attention(
     k_slots_S: jax.Array,
     *,
     scale: float,
+    q_segments_BxL: jax.Array | None = None,
+    k_segments_BxS: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal `dot_product_attention` of queries at q_slots_L over keys at k_slots_S.
+    """Causal `dot_product_attention` of queries at q_slots_L over keys at k_slots_S, within
+    segments when segment ids are given (both or neither).
 
     On CPU, without a cache (L == S, the same slots) and for L >= 128 divisible by
     QUERY_BLOCKS, the queries run in QUERY_BLOCKS blocks, each over the keys up to its last
@@ -122,24 +175,35 @@ def causal_attention(
     """
     length, keys = q_BxLxHxK.shape[1], k_BxSxNxK.shape[1]
     blocks = QUERY_BLOCKS
+    segmented = q_segments_BxL is not None
+
+    def mask(rows: slice, seen: slice) -> jax.Array:
+        if not segmented:
+            return causal_mask(q_slots_L[rows], k_slots_S[seen])
+        return causal_mask(
+            q_slots_L[rows], k_slots_S[seen], q_segments_BxL[:, rows], k_segments_BxS[:, seen]
+        )
+
+    everything = slice(None)
     if length != keys or length < _MIN_BLOCKED_LENGTH or length % blocks:
-        mask_LxS = causal_mask(q_slots_L, k_slots_S)
-        return dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask_LxS, scale=scale)
+        return dot_product_attention(
+            q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask(everything, everything), scale=scale
+        )
     size = length // blocks
 
     def blocked(q, k, v):
         outs = []
         for i in range(blocks):
             rows, seen = slice(i * size, (i + 1) * size), slice(0, (i + 1) * size)
-            mask = causal_mask(q_slots_L[rows], k_slots_S[seen])
             outs.append(
-                dot_product_attention(q[:, rows], k[:, seen], v[:, seen], mask, scale=scale)
+                dot_product_attention(
+                    q[:, rows], k[:, seen], v[:, seen], mask(rows, seen), scale=scale
+                )
             )
         return jnp.concatenate(outs, axis=1)
 
     def full(q, k, v):
-        mask_LxS = causal_mask(q_slots_L, k_slots_S)
-        return dot_product_attention(q, k, v, mask_LxS, scale=scale)
+        return dot_product_attention(q, k, v, mask(everything, everything), scale=scale)
 
     # Blocked on CPU only: compiled for TPU and GPU (deviceless too) the step keeps the one
     # attention, whose layout those compilers already handle without extra copies.
@@ -226,7 +290,12 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array | None = None,
+        segment_ids_BxL: jax.Array | None = None,
+    ) -> jax.Array:
         """Self-attention over x.
 
         Args:
@@ -234,6 +303,8 @@ class Attention(nn.Module):
           positions_BxL: RoPE positions; None means the sequence slots (arange(L), offset by
             cache_index when decoding). Only RoPE reads them: the causal mask always follows the
             sequence/cache order.
+          segment_ids_BxL: int segment of each token (module docstring); None = one segment.
+            Decoding, they are cached with the keys (None caches 1s).
 
         Returns:
           [B, L, D] in cfg.dtype.
@@ -283,6 +354,7 @@ class Attention(nn.Module):
             slot = (0, start, 0, 0)
             cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BxLxNxK, slot)
             cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BxLxNxK, slot)
+            q_segments_BxL, k_segments_BxS = cache_segments(self, segment_ids_BxL, b, length, start)
             index.value = start + length
             k_BxSxNxK, v_BxSxNxK = cached_k.value, cached_v.value
             # Slots past the write position are zeros and fall outside the causal mask.
@@ -290,8 +362,16 @@ class Attention(nn.Module):
         else:
             k_BxSxNxK, v_BxSxNxK = k_BxLxNxK, v_BxLxNxK
             k_slots_S = q_slots_L
+            q_segments_BxL = k_segments_BxS = segment_ids_BxL
         out_BxLxHxK = causal_attention(
-            q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, q_slots_L, k_slots_S, scale=k**-0.5
+            q_BxLxHxK,
+            k_BxSxNxK,
+            v_BxSxNxK,
+            q_slots_L,
+            k_slots_S,
+            scale=k**-0.5,
+            q_segments_BxL=q_segments_BxL,
+            k_segments_BxS=k_segments_BxS,
         )
         out_BxLxHxK = nn.with_logical_constraint(
             out_BxLxHxK, ("batch", "length", "heads", "head_dim")

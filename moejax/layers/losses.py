@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.moe.routing import token_mean
+
 # Guards the per-token normalisation of sigmoid scores, which need not sum to 1 (softmax rows
 # already do, and the epsilon is far below float32 resolution there).
 _NORM_EPS = 1e-20
@@ -54,6 +56,7 @@ def load_balance_loss(
     *,
     num_experts: int,
     per_sequence: bool,
+    valid_BxL: jax.Array | None = None,
 ) -> jax.Array:
     """Switch load-balance loss E * sum_e f_e * P_e, over the batch or per sequence.
 
@@ -64,6 +67,9 @@ def load_balance_loss(
       num_experts: E (must equal probs_BxLxE.shape[-1]).
       per_sequence: False: f and P over all B * L tokens. True: f and P per sequence, the loss
         averaged over B (DeepSeek's sequence-wise balance loss).
+      valid_BxL: bool, False for padding: its assignments and probabilities are left out (the
+        routing of padding holds no expert, see `moejax.moe.routing.mask_routing`), and with
+        per_sequence a sequence of padding only is left out of the mean; None = all tokens.
 
     Returns:
       float32 scalar; gradient flows through probs only.
@@ -85,37 +91,48 @@ def load_balance_loss(
     # Indices >= num_experts ("no expert": unused top-p places) are not assignments.
     counts_BxLxE = jax.nn.one_hot(indices_BxLxK, num_experts, dtype=jnp.float32).sum(axis=2)
     axes = (1,) if per_sequence else (0, 1)
-    # f: fraction of assignments (mean over tokens of counts, divided by the mean number of
-    # assignments per token: exactly K for top-k); P: mean probability.
-    per_token_x1 = counts_BxLxE.sum(axis=-1).mean(axis=axes)[..., None]
-    f_xE = counts_BxLxE.mean(axis=axes) / jnp.maximum(per_token_x1, 1e-9)
-    p_xE = p_BxLxE.mean(axis=axes)
-    return num_experts * jnp.mean(jnp.sum(f_xE * p_xE, axis=-1))
+    if valid_BxL is None:
+        valid_BxL = jnp.ones(probs_BxLxE.shape[:2], bool)
+    w_BxLx1 = valid_BxL.astype(jnp.float32)[..., None]
+    counts_BxLxE = counts_BxLxE * w_BxLx1
+    tokens_x1 = jnp.maximum(w_BxLx1.sum(axis=axes), 1.0)
+    # f: fraction of assignments (counts over the valid tokens divided by their total: exactly K
+    # per token for top-k); P: mean probability over the valid tokens.
+    per_token_x1 = counts_BxLxE.sum(axis=-1).sum(axis=axes)[..., None]
+    f_xE = counts_BxLxE.sum(axis=axes) / jnp.maximum(per_token_x1, 1e-9)
+    p_xE = (p_BxLxE * w_BxLx1).sum(axis=axes) / tokens_x1
+    loss_x = jnp.sum(f_xE * p_xE, axis=-1)
+    if not per_sequence:
+        return num_experts * loss_x
+    has_B = valid_BxL.any(axis=1).astype(jnp.float32)
+    return num_experts * jnp.sum(loss_x * has_B) / jnp.maximum(has_B.sum(), 1.0)
 
 
-def router_z_loss(logits_TxE: jax.Array) -> jax.Array:
+def router_z_loss(logits_TxE: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small).
 
     Args:
       logits_TxE: router logits of any shape [..., E].
+      valid_T: bool of the leading shape, False for padding (left out); None = all tokens.
 
     Returns:
       float32 scalar.
     """
     z_T = jax.nn.logsumexp(logits_TxE.astype(jnp.float32), axis=-1)
-    return jnp.mean(jnp.square(z_T))
+    return token_mean(jnp.square(z_T), valid_T)
 
 
-def router_entropy(probs_TxE: jax.Array) -> jax.Array:
+def router_entropy(probs_TxE: jax.Array, valid_T: jax.Array | None = None) -> jax.Array:
     """Mean per-token entropy (nats) of the router distribution, rows normalised to sum to 1.
 
     A metric: log(E) for uniform routing, 0 for one-hot routing.
 
     Args:
       probs_TxE: router scores of any shape [..., E].
+      valid_T: bool of the leading shape, False for padding (left out); None = all tokens.
 
     Returns:
       float32 scalar.
     """
     p_TxE = _normalise(probs_TxE)
-    return jnp.mean(-jnp.sum(jax.scipy.special.xlogy(p_TxE, p_TxE), axis=-1))
+    return token_mean(-jnp.sum(jax.scipy.special.xlogy(p_TxE, p_TxE), axis=-1), valid_T)

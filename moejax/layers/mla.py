@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from moejax.layers.attention import (
     OutProjection,
     _kernel_init,
+    cache_segments,
     cache_slots,
     causal_attention,
 )
@@ -63,13 +64,20 @@ class MLA(nn.Module):
         return kernel.astype(self.cfg.compute_dtype)
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array | None = None,
+        segment_ids_BxL: jax.Array | None = None,
+    ) -> jax.Array:
         """Self-attention over x.
 
         Args:
           x_BxLxD: layer input (already normed).
           positions_BxL: RoPE positions; None means the sequence slots (offset by cache_index
             when decoding).
+          segment_ids_BxL: int segment of each token (see moejax.layers.attention); None = one
+            segment. Decoding, they are cached with the latents.
 
         Returns:
           [B, L, D] in cfg.dtype.
@@ -123,12 +131,14 @@ class MLA(nn.Module):
             cached_rope.value = jax.lax.dynamic_update_slice(
                 cached_rope.value, k_rope_BxLx1xR[:, :, 0], (0, start, 0)
             )
+            q_segments_BxL, k_segments_BxS = cache_segments(self, segment_ids_BxL, b, length, start)
             index.value = start + length
             latent_BxSxC, k_rope_BxSx1xR = cached_lat.value, cached_rope.value[:, :, None]
             k_slots_S = jnp.arange(cfg.max_len, dtype=jnp.int32)
         else:
             latent_BxSxC, k_rope_BxSx1xR = latent_BxLxC, k_rope_BxLx1xR
             k_slots_S = q_slots_L
+            q_segments_BxL = k_segments_BxS = segment_ids_BxL
 
         w_kvb = self._kernel("kv_b", (c, h, p + v), 0, (1, 2), ("unmodeled", *heads_axes))
         kv_BxSxHxPV = jnp.einsum("bsc,chk->bshk", latent_BxSxC, w_kvb)
@@ -139,7 +149,14 @@ class MLA(nn.Module):
         v_BxSxHxV = kv_BxSxHxPV[..., p:]
         q_BxLxHxK = nn.with_logical_constraint(q_BxLxHxK, ("batch", "length", *heads_axes))
         out_BxLxHxV = causal_attention(
-            q_BxLxHxK, k_BxSxHxK, v_BxSxHxV, q_slots_L, k_slots_S, scale=(p + r) ** -0.5
+            q_BxLxHxK,
+            k_BxSxHxK,
+            v_BxSxHxV,
+            q_slots_L,
+            k_slots_S,
+            scale=(p + r) ** -0.5,
+            q_segments_BxL=q_segments_BxL,
+            k_segments_BxS=k_segments_BxS,
         )
         out_BxLxHxV = nn.with_logical_constraint(out_BxLxHxV, ("batch", "length", *heads_axes))
         y_BxLxD = OutProjection(d, dtype, pdtype, name="o")(out_BxLxHxV)

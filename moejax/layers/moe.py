@@ -17,7 +17,7 @@ from moejax.layers.experts import Experts
 from moejax.layers.mlp import MLP
 from moejax.layers.router import Router
 from moejax.moe.rounding import round_token_counts
-from moejax.moe.routing import router_spec
+from moejax.moe.routing import router_spec, token_mean
 
 
 class MoE(nn.Module):
@@ -54,13 +54,20 @@ class MoE(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BxLxD: jax.Array, *, deterministic: bool = True
+        self,
+        x_BxLxD: jax.Array,
+        *,
+        deterministic: bool = True,
+        valid_BxL: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Applies the block.
 
         Args:
           x_BxLxD: input activations, last axis d_model.
           deterministic: eval mode (no router jitter, eval capacity factor).
+          valid_BxL: bool, False at padded positions: routed to no expert (no compute, no
+            capacity slot, no routed output; shared experts still apply) and left out of every
+            aux term and statistic; None = all positions.
 
         Returns:
           y_BxLxD in `dtype` and the aux dict described on the class.
@@ -72,8 +79,9 @@ class MoE(nn.Module):
             )
         b, length, d = x_BxLxD.shape
         x_TxD = nn.with_logical_constraint(x_BxLxD.reshape(b * length, d), ("tokens", "embed_moe"))
+        valid_T = None if valid_BxL is None else valid_BxL.reshape(b * length).astype(bool)
         routing = Router(cfg, self.dtype, self.param_dtype, name="router")(
-            x_TxD, deterministic=deterministic
+            x_TxD, deterministic=deterministic, valid_T=valid_T
         )
         # Token rounding (SonicMoE) changes what the experts compute in training, not what the
         # router chose: the balancing losses and statistics below read `routing`.
@@ -125,12 +133,13 @@ class MoE(nn.Module):
                 routing.indices.reshape(b, length, k),
                 num_experts=places,
                 per_sequence=cfg.load_balance_type == "sequence",
+                valid_BxL=None if valid_T is None else valid_T.reshape(b, length),
             )
             load_E = losses.expert_load(routing.indices, e)
-        z = losses.router_z_loss(routing.logits)
-        entropy = losses.router_entropy(routing.probs)
-        null_fraction = ((routing.indices >= e) & (routing.indices < places)).mean(
-            dtype=jnp.float32
+        z = losses.router_z_loss(routing.logits, valid_T)
+        entropy = losses.router_entropy(routing.probs, valid_T)
+        nulls_T = ((routing.indices >= e) & (routing.indices < places)).mean(
+            axis=-1, dtype=jnp.float32
         )
         aux = {
             "load_balance_loss": lb,
@@ -143,7 +152,7 @@ class MoE(nn.Module):
             "expert_load": load_E,
             "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
             "router_entropy": entropy,
-            "experts_per_token": dispatched.experts_per_token.mean(dtype=jnp.float32),
-            "null_fraction": null_fraction,
+            "experts_per_token": token_mean(dispatched.experts_per_token, valid_T),
+            "null_fraction": token_mean(nulls_T, valid_T),
         }
         return y_BxLxD, aux

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from moejax.layers.config import BIAS_UPDATES, MoEConfig
 from moejax.layers.losses import expert_load
 from moejax.moe.pipeline import block_capacity
-from moejax.moe.routing import Routing, router_spec
+from moejax.moe.routing import Routing, mask_routing, router_spec
 
 
 def _router_logits(
@@ -92,13 +92,17 @@ class Router(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x_TxD: jax.Array, *, deterministic: bool) -> Routing:
+    def __call__(
+        self, x_TxD: jax.Array, *, deterministic: bool, valid_T: jax.Array | None = None
+    ) -> Routing:
         """Routes each token.
 
         Args:
           x_TxD: tokens, any float dtype.
           deterministic: True disables jitter and random draws (eval) and selects the eval
             capacity factor (expert choice); False applies them (needs the rng streams).
+          valid_T: bool [T], False for padding: routed nowhere (`mask_routing`), never chosen
+            by an expert, left out of `expert_load`; None = every token.
 
         Returns:
           Routing with weights/indices [T, K_max] and probs/logits [T, E] (float32/int32).
@@ -125,7 +129,10 @@ class Router(nn.Module):
         if spec.rng is not None and route is spec.route:
             key = self._router_key(spec.rng, deterministic)
         capacity = block_capacity(cfg, x_TxD.shape[0], train=not deterministic)
+        if not spec.token_choice and valid_T is not None:
+            extra["valid_T"] = valid_T
         out = route(logits_TxE, cfg, bias_E, key=key, capacity=capacity, **extra)
+        out = mask_routing(out, valid_T)
         if (
             spec.token_choice
             and self.is_mutable_collection("moe_stats")

@@ -45,9 +45,10 @@ Other collections follow the same layer paths and stacking: "moe_state" (router 
 attn/cached_key, attn/cached_value [B, max_len, N, K], attn/cache_index []).
 
 Attention hook: `attention_class(cfg)` returns the attention module class; it is built as
-`cls(cfg=cfg, decode=decode, name="attn")` and called as `attn(x_BxLxD, positions_BxL)` with
-positions possibly None (meaning the sequence slots, offset by the cache index when decoding),
-returning [B, L, D]; any KV cache lives in collection "cache" and follows the decode protocol of
+`cls(cfg=cfg, decode=decode, name="attn")` and called as `attn(x_BxLxD, positions_BxL,
+segment_ids_BxL)` with positions possibly None (meaning the sequence slots, offset by the cache
+index when decoding) and segment ids possibly None (one segment), returning [B, L, D]; any KV
+cache lives in collection "cache" and follows the decode protocol of
 `moejax.layers.attention.Attention`. cfg.attention == "mla" selects `moejax.layers.mla.MLA`.
 """
 
@@ -61,7 +62,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moejax.layers.attention import Attention, flat_matmul
+from moejax.layers.attention import Attention, flat_matmul, segment_positions
 from moejax.layers.common import Embed, RMSNorm
 from moejax.layers.config import ModelConfig
 from moejax.layers.mlp import MLP
@@ -192,7 +193,9 @@ def unrolled_to_scan(cfg: ModelConfig, tree: Mapping[str, Any]) -> dict:
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)) with ffn = MoE or dense MLP.
 
-    `__call__(x_BxLxD, positions_BxL) -> (x_BxLxD, aux)`: aux is {} for a dense layer and the
+    `__call__(x_BxLxD, positions_BxL, segment_ids_BxL) -> (x_BxLxD, aux)`: segment ids mask
+    attention (moejax.layers.attention) and the MoE block's padding (id 0); aux is {} for a
+    dense layer and the
     MoE block's aux with a leading axis of size 1 for an MoE layer (so units of several layers
     concatenate their MoE layers' aux along axis 0).
     """
@@ -203,16 +206,22 @@ class DecoderLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None):
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array | None,
+        segment_ids_BxL: jax.Array | None = None,
+    ):
         cfg = self.cfg
         dtype, pdtype = cfg.compute_dtype, cfg.params_dtype
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="attn_norm")(x_BxLxD)
         attn = attention_class(cfg)(cfg=cfg, decode=self.decode, name="attn")
-        x_BxLxD = x_BxLxD + attn(h, positions_BxL).astype(x_BxLxD.dtype)
+        x_BxLxD = x_BxLxD + attn(h, positions_BxL, segment_ids_BxL).astype(x_BxLxD.dtype)
         h = RMSNorm(cfg.norm_eps, dtype, pdtype, name="ffn_norm")(x_BxLxD)
         if self.kind == "moe":
             moe = MoE(cfg.moe, cfg.d_model, dtype, pdtype, name="moe")
-            y_BxLxD, block_aux = moe(h, deterministic=self.deterministic)
+            valid_BxL = None if segment_ids_BxL is None else segment_ids_BxL > 0
+            y_BxLxD, block_aux = moe(h, deterministic=self.deterministic, valid_BxL=valid_BxL)
             aux = {k: jnp.asarray(block_aux[k], jnp.float32)[None] for k in AUX_SCALARS}
             aux["expert_load"] = jnp.asarray(block_aux["expert_load"], jnp.float32)[None]
         else:
@@ -231,11 +240,16 @@ class LayerGroup(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array | None):
+    def __call__(
+        self,
+        x_BxLxD: jax.Array,
+        positions_BxL: jax.Array | None,
+        segment_ids_BxL: jax.Array | None = None,
+    ):
         auxes = []
         for j, kind in enumerate(self.kinds):
             layer = DecoderLayer(self.cfg, kind, self.deterministic, self.decode, name=f"layer_{j}")
-            x_BxLxD, aux = layer(x_BxLxD, positions_BxL)
+            x_BxLxD, aux = layer(x_BxLxD, positions_BxL, segment_ids_BxL)
             auxes.append(aux)
         return x_BxLxD, _concat_aux(auxes)
 
@@ -287,13 +301,18 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ):
         """Args:
           tokens_BxL: int token ids in [0, V).
           deterministic: False in training (router jitter, train capacity factor).
           decode: use the KV cache (collection "cache" must be mutable).
           positions: RoPE positions [B, L] or [L]; None = sequence slots (offset by the cache
-            index when decoding).
+            index when decoding), or with segment_ids (not decoding) the position inside each
+            segment.
+          segment_ids: int [B, L]: 0 = padding, equal ids = one packed document. Attention
+            stays inside a segment; padding is routed to no expert and left out of every MoE
+            aux term. None = one segment, no padding.
 
         Returns:
           (logits [B, L, V] float32, aux dict as described in the class docstring).
@@ -314,6 +333,18 @@ class Transformer(nn.Module):
                     f"[B, L]={(b, length)}"
                 )
             positions = jnp.broadcast_to(positions, (b, length)).astype(jnp.int32)
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids)
+            if segment_ids.shape != (b, length) or not jnp.issubdtype(
+                segment_ids.dtype, jnp.integer
+            ):
+                raise ValueError(
+                    f"segment_ids must be an integer array of shape [B, L]={(b, length)}, got "
+                    f"shape {segment_ids.shape} dtype {segment_ids.dtype}"
+                )
+            segment_ids = segment_ids.astype(jnp.int32)
+            if positions is None and not decode:
+                positions = segment_positions(segment_ids)
 
         embed = Embed(cfg.vocab_size, cfg.d_model, dtype, pdtype, name="embed")
         x_BxLxD = embed(tokens_BxL)
@@ -325,20 +356,20 @@ class Transformer(nn.Module):
                     _unit(cfg, seg.kinds),
                     variable_axes={c: 0 for c in SCANNED_COLLECTIONS},
                     split_rngs={"params": True, "dropout": True, "jitter": True, "router": True},
-                    in_axes=(nn.broadcast,),
+                    in_axes=(nn.broadcast, nn.broadcast),
                     length=seg.repeats,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
                 unit_args = (seg.kinds[0],) if len(seg.kinds) == 1 else (seg.kinds,)
                 unit = scanned(cfg, *unit_args, deterministic, decode, name=seg.name)
-                x_BxLxD, aux_RxM = unit(x_BxLxD, positions)
+                x_BxLxD, aux_RxM = unit(x_BxLxD, positions, segment_ids)
                 # [R, m, ...] -> [R * m, ...]: MoE layers in layer order.
                 auxes.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), aux_RxM))
         else:
             for i in range(cfg.num_layers):
                 kind = "moe" if cfg.is_moe_layer(i) else "dense"
                 layer = _unit(cfg, (kind,))(cfg, kind, deterministic, decode, name=f"layers_{i}")
-                x_BxLxD, aux = layer(x_BxLxD, positions)
+                x_BxLxD, aux = layer(x_BxLxD, positions, segment_ids)
                 auxes.append(aux)
 
         x_BxLxD = RMSNorm(cfg.norm_eps, dtype, pdtype, name="final_norm")(x_BxLxD)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from moejax import pallas
 from moejax.moe.experts import ExpertWeights, run_experts
 from moejax.moe.plans import DispatchPlan, combine_rows, gather_rows, make_plan
-from moejax.moe.routing import Routing, router_spec
+from moejax.moe.routing import Routing, router_spec, token_mean
 
 if TYPE_CHECKING:
     from moejax.layers.config import MoEConfig
@@ -124,9 +124,9 @@ def dropless_ffn(
 
 def dropped_fraction(routing: Routing, plan: DispatchPlan, cfg: MoEConfig) -> jax.Array:
     """float32 scalar: for token choice the routed assignments no expert processed (of the real
-    ones); when experts choose, the tokens no expert took."""
+    ones); when experts choose, the tokens no expert took (of the valid ones)."""
     if not router_spec(cfg.router).token_choice:
-        return (routing.experts_per_token == 0).mean(dtype=jnp.float32)
+        return token_mean(routing.experts_per_token == 0, routing.valid)
     real = routing.experts_per_token.sum()
     return (real - plan.num_kept).astype(jnp.float32) / jnp.maximum(real, 1)
 

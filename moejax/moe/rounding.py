@@ -104,6 +104,8 @@ def round_token_counts(routing: Routing, cfg: MoEConfig, *, tile: int | None = N
         # Each token may be added to its X = rounding_extra best experts it did not pick.
         picked_TxE = jnp.zeros((num_tokens, e + 1), bool)
         picked_TxE = picked_TxE.at[jnp.arange(num_tokens)[:, None], expert_TxW].set(True)
+        if routing.valid is not None:  # padding is never added to an expert
+            picked_TxE = picked_TxE | ~routing.valid[:, None]
         score_TxE = jax.lax.stop_gradient(routing.probs[:, :e]).astype(jnp.float32)
         extra = min(cfg.rounding_extra, e)
         cand_score_TxX, cand_TxX = jax.lax.top_k(
@@ -143,4 +145,4 @@ def round_token_counts(routing: Routing, cfg: MoEConfig, *, tile: int | None = N
         weights_TxK = jnp.concatenate([weights_TxK, added_w_TxX], axis=1)
     indices_TxK = indices_TxK.astype(jnp.int32)
     count_T = (indices_TxK < e).sum(axis=-1, dtype=jnp.int32)
-    return Routing(weights_TxK, indices_TxK, routing.probs, routing.logits, count_T)
+    return Routing(weights_TxK, indices_TxK, routing.probs, routing.logits, count_T, routing.valid)

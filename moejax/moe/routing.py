@@ -46,6 +46,8 @@ class Routing(NamedTuple):
       probs: [T, E + m] float32 unbiased scores after cfg.score_func (what the losses read).
       logits: [T, E + m] float32 router logits (the null experts' last).
       experts_per_token: [T] int32 real experts chosen for each token (entries < E).
+      valid: [T] bool, False for the tokens that take no part (padding, see `mask_routing`):
+        routed nowhere and left out of every loss and statistic; None = every token.
     """
 
     weights: jax.Array
@@ -53,12 +55,45 @@ class Routing(NamedTuple):
     probs: jax.Array
     logits: jax.Array
     experts_per_token: jax.Array
+    valid: jax.Array | None = None
 
 
 def _routing(weights_TxK, indices_TxK, probs_TxE, logits_TxE, num_experts: int) -> Routing:
     indices_TxK = indices_TxK.astype(jnp.int32)
     count_T = (indices_TxK < num_experts).sum(axis=-1, dtype=jnp.int32)
     return Routing(weights_TxK, indices_TxK, probs_TxE, logits_TxE, count_T)
+
+
+def mask_routing(routing: Routing, valid_T: jax.Array | None) -> Routing:
+    """`routing` with the tokens where valid_T is False (padding) routed nowhere.
+
+    Their places all hold the unused sentinel E + m with weight 0, so they compute nothing and
+    take no capacity slot, and `valid` is recorded for the losses and statistics that average
+    over tokens. valid_T None returns `routing` unchanged.
+    """
+    if valid_T is None:
+        return routing
+    valid_T = valid_T.astype(bool)
+    keep_Tx1 = valid_T[:, None]
+    unused = routing.probs.shape[-1]
+    return Routing(
+        jnp.where(keep_Tx1, routing.weights, 0.0),
+        jnp.where(keep_Tx1, routing.indices, unused).astype(jnp.int32),
+        routing.probs,
+        routing.logits,
+        jnp.where(valid_T, routing.experts_per_token, 0),
+        valid_T,
+    )
+
+
+def token_mean(values_T: jax.Array, valid_T: jax.Array | None) -> jax.Array:
+    """float32 mean of per-token values (any shape) over the valid tokens (valid_T: bool of the
+    same shape; all tokens when None; 0 when none is valid)."""
+    values_T = values_T.astype(jnp.float32)
+    if valid_T is None:
+        return values_T.mean()
+    weight_T = valid_T.astype(jnp.float32)
+    return (values_T * weight_T).sum() / jnp.maximum(weight_T.sum(), 1.0)
 
 
 def router_scores(logits_TxE: jax.Array, score_func: str) -> jax.Array:
@@ -254,6 +289,7 @@ def expert_choice_route(
     *,
     key: jax.Array | None = None,
     capacity: int | None,
+    valid_T: jax.Array | None = None,
 ) -> Routing:
     """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
 
@@ -271,6 +307,9 @@ def expert_choice_route(
       cfg: score_func, routed_scaling_factor.
       expert_bias_E, key: unused.
       capacity: C, at most T.
+      valid_T: bool [T], False for tokens no expert may take (padding): they rank below every
+        valid token, so they fill a slot only when an expert has more slots than valid tokens
+        (and the Router's `mask_routing` then empties it); None = all tokens.
 
     Returns:
       Routing with K_max = E: place e of token t holds e if expert e took t (weight: its score
@@ -280,7 +319,10 @@ def expert_choice_route(
     num_tokens, num_experts = logits_TxE.shape
     logits_TxE = logits_TxE.astype(jnp.float32)
     probs_TxE = router_scores(logits_TxE, cfg.score_func)
-    _, token_ExC = jax.lax.top_k(jax.lax.stop_gradient(probs_TxE).T, capacity)
+    sel_TxE = jax.lax.stop_gradient(probs_TxE)
+    if valid_T is not None:
+        sel_TxE = jnp.where(valid_T[:, None], sel_TxE, -jnp.inf)
+    _, token_ExC = jax.lax.top_k(sel_TxE.T, capacity)
     picked_TxE = jnp.zeros((num_tokens, num_experts), bool)
     picked_TxE = picked_TxE.at[token_ExC, jnp.arange(num_experts)[:, None]].set(True)
     experts_1xE = jnp.arange(num_experts, dtype=jnp.int32)[None, :]
@@ -430,7 +472,9 @@ class RouterSpec:
       max_k: K_max from the config (the static width of Routing.indices).
       token_choice: True: tokens choose (dispatch by cfg.dispatch, load-balance loss applies).
         False: experts choose, exactly `capacity` tokens each (per-expert buffers, nothing to
-        drop, balanced by construction).
+        drop, balanced by construction); `route` then also takes `valid_T` (the tokens an
+        expert may choose). Token-choice routes route every token and padding is removed
+        after (`mask_routing`).
       rng: the Flax rng stream the router draws from in training (None: deterministic).
       validate: raises ValueError for configs the router cannot serve (called by MoEConfig).
       eval_route: the routing function of evaluation and decoding (deterministic=True), with

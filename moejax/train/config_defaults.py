@@ -92,8 +92,9 @@ def opt_section() -> ml_collections.ConfigDict:
 def data_section() -> ml_collections.ConfigDict:
     """Data: see moejax.train.data."""
     data = ml_collections.ConfigDict()
-    data.source = "stdlib"  # "stdlib" (embedded corpus), "text" or "tokens"
-    data.path = placeholder(str)  # text file/dir ("text") or token file ("tokens")
+    data.source = "stdlib"  # "stdlib" (embedded corpus), "text", "tokens" or "jsonl"
+    data.path = placeholder(str)  # text file/dir ("text"), token file ("tokens"), jsonl file/dir
+    data.tokenizer = placeholder(str)  # "jsonl": a local HF tokenizer directory; None = bytes
     data.val_path = placeholder(str)  # optional separate validation token file ("tokens")
     data.val_fraction = 0.05  # share of files (or tail of a single file) held out
     data.token_dtype = "uint16"  # dtype of raw (non-.npy) token files
@@ -128,7 +129,10 @@ def train_section() -> ml_collections.ConfigDict:
     train.keep_checkpoints = 3  # committed checkpoints kept
     train.nonfinite = "skip"  # non-finite loss/grads: "skip" the update or "stop"
     train.sample_tokens = 200  # tokens generated at the end (0 disables)
-    train.sample_prompt = "def "  # prompt of the final sample (byte-level data only)
+    train.sample_prompt = "def "  # prompt of the final sample (bytes, or data.tokenizer's)
+    train.sample_temperature = 0.8  # sampling temperature of the final sample; 0 = greedy
+    train.sample_top_p = 0.95  # nucleus of the final sample, in (0, 1]
+    train.export_hf = placeholder(str)  # write the final model here as a HF checkpoint (to_hf)
     train.peak_flops = placeholder(float)  # per-device peak FLOP/s for MFU; None = rough table
     return train
 
@@ -138,6 +142,7 @@ def init_section() -> ml_collections.ConfigDict:
     checkpoint always resumes from it instead."""
     init = ml_collections.ConfigDict()
     init.from_checkpoint = placeholder(str)  # a run directory to start from; None = random init
+    init.hf_checkpoint = placeholder(str)  # a local HF checkpoint: its model and weights
     init.step = placeholder(int)  # that run's checkpoint step; None = its latest
     init.upcycle = placeholder(str)  # None (as is) or "copy"/"partition"/"shared" (dense -> MoE)
     init.upcycle_noise = 0.0  # relative Gaussian noise on the upcycled experts

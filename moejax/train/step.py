@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -45,21 +46,74 @@ _AUX_SCALARS = (
 )
 
 
-def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in nats, computed in float32 whatever the compute dtype."""
+BATCH_KEYS = ("tokens", "segment_ids", "loss_mask")
+
+
+def cross_entropy(
+    logits_BxLxV: jax.Array, targets_BxL: jax.Array, weights_BxL: jax.Array | None = None
+) -> jax.Array:
+    """Mean next-token cross-entropy in nats, computed in float32 whatever the compute dtype;
+    with weights, the weighted mean (0 when every weight is 0)."""
     logits = logits_BxLxV.astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxL).mean()
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BxL)
+    if weights_BxL is None:
+        return ce_BxL.mean()
+    weights_BxL = weights_BxL.astype(jnp.float32)
+    return (ce_BxL * weights_BxL).sum() / jnp.maximum(weights_BxL.sum(), 1.0)
+
+
+def as_batch(batch: jax.Array | Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """A step's batch as a dict: an int array [B, L + 1] (one token stream, no padding) becomes
+    {"tokens": it}; a mapping must hold "tokens" [B, L + 1] and may hold "segment_ids"
+    [B, L + 1] (0 = padding, equal ids = one packed document) and "loss_mask" [B, L + 1]
+    (1 where a token is a target the loss counts, e.g. a completion; 0 e.g. for prompts)."""
+    if not isinstance(batch, Mapping):
+        return {"tokens": batch}
+    unknown = set(batch) - set(BATCH_KEYS)
+    if "tokens" not in batch or unknown:
+        raise ValueError(
+            f"batch keys {sorted(batch)} are invalid: 'tokens' is required, allowed keys are "
+            f"{BATCH_KEYS}"
+        )
+    shape = batch["tokens"].shape
+    for k, v in batch.items():
+        if v.shape != shape:
+            raise ValueError(f"batch[{k!r}] has shape {v.shape}, batch['tokens'] has {shape}")
+    return dict(batch)
+
+
+def model_inputs(
+    batch: Mapping[str, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """(inputs [B, L], targets [B, L], input segment ids [B, L] or None, target weights [B, L]
+    or None) of an `as_batch` dict. A target counts when it is in the same segment as its
+    input (never across a packed document boundary, never padding) and its loss_mask is 1."""
+    tokens_BxL1 = batch["tokens"]
+    inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    segments_BxL1 = batch.get("segment_ids")
+    mask_BxL1 = batch.get("loss_mask")
+    if segments_BxL1 is None and mask_BxL1 is None:
+        return inputs_BxL, targets_BxL, None, None
+    weights_BxL = jnp.ones(targets_BxL.shape, bool)
+    segments_BxL = None
+    if segments_BxL1 is not None:
+        segments_BxL = segments_BxL1[:, :-1]
+        targets_seg_BxL = segments_BxL1[:, 1:]
+        weights_BxL = (targets_seg_BxL == segments_BxL) & (targets_seg_BxL > 0)
+    if mask_BxL1 is not None:
+        weights_BxL = weights_BxL & (mask_BxL1[:, 1:] > 0)
+    return inputs_BxL, targets_BxL, segments_BxL, weights_BxL
 
 
 def _forward(
     model: Transformer,
     params: Any,
     moe_state: Any,
-    tokens_BxL1: jax.Array,
+    batch: Mapping[str, jax.Array],
     rng: jax.Array,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
     """Training loss of one (micro)batch and what the step needs besides its gradient."""
-    inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    inputs_BxL, targets_BxL, segments_BxL, weights_BxL = model_inputs(batch)
     variables = {"params": params}
     if moe_state:
         variables["moe_state"] = moe_state
@@ -67,11 +121,12 @@ def _forward(
         variables,
         inputs_BxL,
         deterministic=False,
+        segment_ids=segments_BxL,
         mutable=["moe_stats"],
         # "jitter": router input noise; "router": the draws of random routers.
         rngs={"jitter": rng, "router": jax.random.fold_in(rng, 1)},
     )
-    ce = cross_entropy(logits_BxLxV, targets_BxL)
+    ce = cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)
     loss = ce + aux["aux_loss"]
     metrics = {"loss": loss, "ce_loss": ce, **{k: aux[k] for k in _AUX_SCALARS if k in aux}}
     # [N, E] for N >= 1 MoE layers; dense models report an empty or scalar placeholder.
@@ -116,7 +171,7 @@ def temperature_schedule(model_cfg: ModelConfig):
 
 def train_step(
     state: TrainState,
-    tokens_BxL1: jax.Array,
+    tokens_BxL1: jax.Array | Mapping[str, jax.Array],
     *,
     model: Transformer,
     tx: optax.GradientTransformation,
@@ -128,8 +183,10 @@ def train_step(
 
     Args:
       state: the TrainState.
-      tokens_BxL1: int32 [B, L + 1]; inputs are [:, :-1], targets [:, 1:].
-      model: the Transformer.
+      tokens_BxL1: int32 [B, L + 1]; inputs are [:, :-1], targets [:, 1:]. Or a dict with
+        segment ids and a loss mask (`as_batch`): attention stays inside segments, padding
+        is left out of the loss and of every router statistic, and the cross-entropy is the
+        mean over the counted targets.
       tx: the optimizer.
       microbatches: M; B must be divisible by M. Gradients, metrics and expert loads are the
         mean over the M equal slices, which equals the full-batch value for every term that is
@@ -146,7 +203,8 @@ def train_step(
       skipped) plus `expert_load` [N, E] for MoE models with `skipped` 1.0 when this step's
       update was not applied.
     """
-    batch = tokens_BxL1.shape[0]
+    batch_dict = as_batch(tokens_BxL1)
+    batch = batch_dict["tokens"].shape[0]
     if batch % microbatches:
         raise ValueError(
             f"train.microbatches={microbatches} is invalid: must divide the batch size {batch}"
@@ -156,10 +214,12 @@ def train_step(
 
     if microbatches == 1:
         (_, (metrics, moe_stats)), grads = grad_fn(
-            state.params, state.moe_state, tokens_BxL1, step_rng
+            state.params, state.moe_state, batch_dict, step_rng
         )
     else:
-        tokens_MxBxL1 = tokens_BxL1.reshape(microbatches, batch // microbatches, -1)
+        tokens_MxBxL1 = jax.tree.map(
+            lambda a: a.reshape(microbatches, batch // microbatches, -1), batch_dict
+        )
         rngs_M = jax.random.split(step_rng, microbatches)
 
         def one(carry, xs):
@@ -170,7 +230,12 @@ def train_step(
             return carry, None
 
         zeros = jax.eval_shape(
-            lambda: grad_fn(state.params, state.moe_state, tokens_MxBxL1[0], rngs_M[0])
+            lambda: grad_fn(
+                state.params,
+                state.moe_state,
+                jax.tree.map(lambda a: a[0], tokens_MxBxL1),
+                rngs_M[0],
+            )
         )
         (_, (m_shape, stats_shape)), g_shape = zeros
         init = jax.tree.map(
@@ -210,14 +275,19 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, tokens_BxL1: jax.Array, *, model: Transformer) -> dict:
-    """Deterministic loss of a batch: cross-entropy (nats per token) and the aux terms."""
-    inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+def eval_step(
+    state: TrainState, tokens_BxL1: jax.Array | Mapping[str, jax.Array], *, model: Transformer
+) -> dict:
+    """Deterministic loss of a batch (an array or an `as_batch` dict): cross-entropy (nats per
+    counted target token) and the aux terms."""
+    inputs_BxL, targets_BxL, segments_BxL, weights_BxL = model_inputs(as_batch(tokens_BxL1))
     variables = {"params": state.params}
     if state.moe_state:
         variables["moe_state"] = state.moe_state
-    logits_BxLxV, aux = model.apply(variables, inputs_BxL, deterministic=True)
-    metrics = {"ce_loss": cross_entropy(logits_BxLxV, targets_BxL)}
+    logits_BxLxV, aux = model.apply(
+        variables, inputs_BxL, deterministic=True, segment_ids=segments_BxL
+    )
+    metrics = {"ce_loss": cross_entropy(logits_BxLxV, targets_BxL, weights_BxL)}
     metrics.update({k: aux[k].astype(jnp.float32) for k in _AUX_SCALARS if k in aux})
     return metrics
 

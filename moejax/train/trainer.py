@@ -31,7 +31,7 @@ from moejax.train.checkpoint import Checkpointer
 from moejax.train.metrics import MetricsWriter, write_plots
 from moejax.train.state import abstract_state, count_params, create_train_state, make_optimizer
 from moejax.train.step import jit_eval_step, jit_train_step
-from moejax.train.warm_start import validate_init, warm_start
+from moejax.train.warm_start import hf_model_config, hf_start, validate_init, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,19 @@ def validate_config(config: ml_collections.ConfigDict) -> ModelConfig:
         "train.sample_tokens",
         t.sample_tokens,
         "must be an integer >= 0",
+    )
+    temperature, top_p = t.get("sample_temperature", 0.0), t.get("sample_top_p", 1.0)
+    _require(
+        isinstance(temperature, int | float) and temperature >= 0,
+        "train.sample_temperature",
+        temperature,
+        "must be a number >= 0 (0 = greedy)",
+    )
+    _require(
+        isinstance(top_p, int | float) and 0 < top_p <= 1,
+        "train.sample_top_p",
+        top_p,
+        "must be a number in (0, 1]",
     )
     _require(isinstance(o.lr, int | float) and o.lr > 0, "opt.lr", o.lr, "must be a number > 0")
     _require(
@@ -191,23 +204,61 @@ def _evaluate(eval_fn, state, batches) -> dict[str, float]:
     return {k: v / n for k, v in sums.items()}
 
 
-def _sample(setup, state, config) -> str | None:
-    """A short greedy continuation of train.sample_prompt (bytes), or None when disabled."""
-    n = config.train.sample_tokens
-    if not n or setup.model_cfg.vocab_size < 256 or config.data.source == "tokens":
+def _sample(setup, state, config, tokenizer=None) -> str | None:
+    """A short continuation of train.sample_prompt (bytes, or data.tokenizer's tokens), sampled
+    at train.sample_temperature / sample_top_p (greedy at temperature 0), or None when
+    disabled or when the data has no text encoding (token files)."""
+    t = config.train
+    n = t.sample_tokens
+    if not n or config.data.source == "tokens":
+        return None
+    if tokenizer is None and setup.model_cfg.vocab_size < 256:
         return None
     from moejax.generate import generate
 
-    prompt = np.frombuffer(config.train.sample_prompt.encode(), dtype=np.uint8).astype(np.int32)
+    if tokenizer is None:
+        prompt = np.frombuffer(t.sample_prompt.encode(), dtype=np.uint8).astype(np.int32)
+    else:
+        prompt = np.asarray(tokenizer(t.sample_prompt)["input_ids"], np.int32)
     n = min(n, setup.model_cfg.max_len - len(prompt))
     variables = {"params": state.params}
     if state.moe_state:
         variables["moe_state"] = state.moe_state
+    temperature = float(t.get("sample_temperature", 0.0))
     tokens = generate(
-        setup.model_cfg, variables, prompt[None, :], max_new_tokens=n, temperature=0.0
+        setup.model_cfg,
+        variables,
+        prompt[None, :],
+        max_new_tokens=n,
+        temperature=temperature,
+        top_p=float(t.get("sample_top_p", 1.0)),
+        rng=jax.random.key(t.seed) if temperature > 0 else None,
     )
     out = np.asarray(jax.device_get(tokens))[0]
+    if tokenizer is not None:
+        return tokenizer.decode(out.tolist())
     return bytes(int(b) % 256 for b in out).decode("utf-8", errors="replace")
+
+
+def _export_hf(config, setup, state, tokenizer) -> str | None:
+    """Writes the final model to train.export_hf with `moejax.hf.to_hf` (and the data's
+    tokenizer beside it), from process 0; None when not set."""
+    path = config.train.get("export_hf")
+    if not path:
+        return None
+    from jax.experimental import multihost_utils
+
+    from moejax.hf import to_hf
+
+    variables = {"params": state.params}
+    if state.moe_state:
+        variables["moe_state"] = state.moe_state
+    variables = multihost_utils.process_allgather(variables, tiled=True)
+    if jax.process_index() == 0:
+        to_hf(setup.model_cfg, variables, path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def train_and_evaluate(
@@ -229,6 +280,7 @@ def train_and_evaluate(
       NonFiniteError: train.nonfinite="stop" and a step was not finite.
     """
     t_start = time.time()
+    config = hf_model_config(config)
     model_cfg = validate_config(config)
     t = config.train
     workdir = Path(workdir)
@@ -274,11 +326,15 @@ def train_and_evaluate(
     if restored is not None:
         state, data_state, _ = restored
         train_it.set_state(data_state)
+    elif config.get("init") is not None and config.init.get("hf_checkpoint"):
+        # A new run from an imported HF model; resumes from its own checkpoints after.
+        state = hf_start(config, state, setup)
     elif config.get("init") is not None and config.init.from_checkpoint:
         # A new run from another run's parameters (as they are, or upcycled); once this run
         # has a checkpoint of its own it resumes from that instead.
         calibration = [
-            np.asarray(jax.device_get(b))[:, :-1]  # model inputs, as the trainer feeds them
+            # model inputs, as the trainer feeds them
+            np.asarray(jax.device_get(data_lib.batch_tokens(b)))[:, :-1]
             for b in eval_set[: config.init.calibration_batches]
         ]
         state = warm_start(config, state, setup, calibration=calibration or None)
@@ -351,7 +407,11 @@ def train_and_evaluate(
                 ev = _evaluate(eval_fn, state, eval_set)
                 eval_losses.append((start_step, ev["ce_loss"]))
             ckpt.wait()
-            sample = _sample(setup, state, config)
+            tokenizer = None
+            if config.data.get("tokenizer"):
+                tokenizer = data_lib.load_tokenizer(config.data.tokenizer)
+            sample = _sample(setup, state, config, tokenizer)
+            exported = _export_hf(config, setup, state, tokenizer)
     finally:
         if bar is not None:
             bar.close()
@@ -378,6 +438,7 @@ def train_and_evaluate(
         "sample": sample,
         "plots": [str(p) for p in plots],
         "checkpoints": ckpt.directory.as_posix(),
+        "export_hf": exported,
         "final_state": state,
     }
 
@@ -413,6 +474,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     )
     lines.append(f"wall time    {summary['wall_s']:.1f} s")
     lines.append(f"checkpoints  {summary['checkpoints']}")
+    if summary.get("export_hf"):
+        lines.append(f"HF export    {summary['export_hf']}")
     for p in summary["plots"]:
         lines.append(f"plot         {p}")
     if summary["sample"] is not None:

@@ -15,6 +15,12 @@ The `init` section of the config says where the parameters of a new run come fro
   calibration_batches  validation batches of this run's data that group the hidden units for
                    "partition" / sliced "shared" (0 = a random grouping).
 
+  hf_checkpoint    a local Hugging Face checkpoint directory (config.json + safetensors of a
+                   family `moejax.hf` imports): its model replaces the config's model and moe
+                   sections (`hf_model_config`; this run's dtype, remat, scan_layers and
+                   moe.execution stay) and its weights are the initial parameters
+                   (`moejax.hf.from_hf`). Exclusive with from_checkpoint.
+
 Only the parameters (and for a plain start the moe_state, e.g. the expert bias) come from the
 source: the optimizer state is fresh, the step is 0 and the schedule this run's own. A workdir
 that already holds a checkpoint resumes from it as always, so a stopped warm-started run
@@ -53,6 +59,19 @@ def validate_init(init: ml_collections.ConfigDict | None) -> None:
             f"config.init.upcycle={init.upcycle!r} needs config.init.from_checkpoint (the dense "
             "run to upcycle)"
         )
+    hf = init.get("hf_checkpoint")
+    if hf is not None:
+        if init.from_checkpoint:
+            raise ValueError(
+                "config.init.hf_checkpoint and config.init.from_checkpoint are exclusive: set one"
+            )
+        if init.upcycle is not None:
+            raise ValueError("config.init.upcycle does not apply to config.init.hf_checkpoint")
+        if not (Path(hf).expanduser() / "config.json").is_file():
+            raise ValueError(
+                f"config.init.hf_checkpoint={hf!r} is invalid: must be a local directory "
+                "holding config.json and *.safetensors (no downloads)"
+            )
     if init.step is not None and (not isinstance(init.step, int) or init.step < 0):
         raise ValueError(f"config.init.step={init.step!r} is invalid: must be None or >= 0")
     noise = init.upcycle_noise
@@ -63,6 +82,54 @@ def validate_init(init: ml_collections.ConfigDict | None) -> None:
         raise ValueError(
             f"config.init.calibration_batches={n!r} is invalid: must be an integer >= 0"
         )
+
+
+# Fields of this run's config that an imported HF model leaves as the run sets them: how it
+# computes and is laid out, not what it is.
+_RUN_MODEL_FIELDS = ("dtype", "remat", "scan_layers")
+
+
+def hf_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with its model and moe sections taken from config.init.hf_checkpoint's
+    config.json (unchanged when that is not set). Reads the HF config only, no weights."""
+    init = config.get("init")
+    if init is None or not init.get("hf_checkpoint"):
+        return config
+    validate_init(init)
+    from transformers import AutoConfig
+
+    from moejax.hf.families import model_config_from_hf
+    from moejax.train.config_defaults import config_section
+
+    path = str(Path(init.hf_checkpoint).expanduser())
+    hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    imported = model_config_from_hf(hf_cfg, param_dtype=config.model.param_dtype)
+    config = ml_collections.ConfigDict(config.to_dict())
+    model = config_section(imported, exclude=("moe",))
+    for name in _RUN_MODEL_FIELDS:
+        model[name] = config.model[name]
+    config.model = model
+    if imported.moe is None:
+        config.moe = None
+    else:
+        moe = config_section(imported.moe)
+        if config.moe is not None:
+            moe.execution = config.moe.execution
+        config.moe = moe
+    return config
+
+
+def hf_start(config: ml_collections.ConfigDict, state: TrainState, setup: StateSetup) -> TrainState:
+    """`state` with its parameters (and moe_state) from config.init.hf_checkpoint's weights and
+    a fresh optimizer state; the model must be `hf_model_config(config)`'s."""
+    from moejax.hf import from_hf
+
+    path = str(Path(config.init.hf_checkpoint).expanduser())
+    _, variables = from_hf(
+        path, param_dtype=setup.model_cfg.param_dtype, scan_layers=setup.model_cfg.scan_layers
+    )
+    _check_same_tree(variables["params"], state.params, "parameters", "hf_checkpoint")
+    return _fresh_state(state, setup, variables)
 
 
 def state_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -118,7 +185,7 @@ def _paths(tree: Any) -> dict[str, tuple]:
     return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in leaves}
 
 
-def _check_same_tree(got: Any, want: Any, what: str) -> None:
+def _check_same_tree(got: Any, want: Any, what: str, field: str = "from_checkpoint") -> None:
     got, want = _paths(got), _paths(want)
     if got == want:
         return
@@ -133,7 +200,7 @@ def _check_same_tree(got: Any, want: Any, what: str) -> None:
     if shapes:
         detail.append(", ".join(f"{k} {got[k]} vs {want[k]}" for k in shapes[:3]))
     raise ValueError(
-        f"config.init.from_checkpoint: the source {what} do not fit this run's model "
+        f"config.init.{field}: the source {what} do not fit this run's model "
         f"({'; '.join(detail)}); set config.init.upcycle to convert a dense model"
     )
 
@@ -215,6 +282,12 @@ def warm_start(
             variables["moe_state"] = src_state.moe_state
     else:
         variables = _upcycled(config, src_setup, src_state, setup, calibration)
+    return _fresh_state(state, setup, variables)
+
+
+def _fresh_state(state: TrainState, setup: StateSetup, variables: dict) -> TrainState:
+    """`state` with `variables` as its parameters (and moe_state), in its shardings and dtypes,
+    and the optimizer state initialised for them."""
 
     def put(tree, like):
         return jax.tree.map(
