@@ -11,11 +11,14 @@ weight and the input) is jitted under the mesh and measured:
   comm bytes   bytes per device, summed over the compiled HLO's collectives (all-to-all,
                all-gather, reduce-scatter, all-reduce, collective-permute) as the sizes of their
                operands, split by collective kind.
-Strategies: "all_to_all" and "all_gather" (moejax.moe.parallel, inside shard_map)
-and "gspmd" (expert_parallel="none": the single-device dispatch with the experts sharded by the
-logical rules, XLA's SPMD partitioner choosing the collectives), with routing skewed so that a
-few experts take most tokens. The all_to_all send-buffer bound is --ep-capacity-factor; the
-dropped fraction it caused is reported. Results: a table on stdout and
+Strategies (`STRATEGIES`): "all_to_all" and "all_gather" (moejax.moe.parallel, inside
+shard_map); "all_to_all_worst" (ep_capacity_factor=None: send buffers for the worst case,
+nothing dropped); "all_to_all_chunks2" (ep_chunks=2: two independent exchanges per layer that
+an accelerator's scheduler can overlap with the other chunk's matmuls; the CPU runs them in
+turn); and "gspmd" (expert_parallel="none": the single-device dispatch with the experts sharded
+by the logical rules, XLA's SPMD partitioner choosing the collectives), with routing skewed so
+that a few experts take most tokens. The all_to_all send-buffer bound is --ep-capacity-factor;
+the dropped fraction it caused is reported. Results: a table on stdout and
 benchmarks/results/ep.{md,json}.
 """
 
@@ -47,6 +50,15 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 MESHES = {"data2_exp4": dict(data=2, expert=4), "exp8": dict(data=1, expert=8)}
+# name -> (MoEExecution.expert_parallel, other MoEExecution fields; ep_capacity_factor "arg" =
+# --ep-capacity-factor)
+STRATEGIES = {
+    "all_to_all": ("all_to_all", {"ep_capacity_factor": "arg"}),
+    "all_to_all_worst": ("all_to_all", {"ep_capacity_factor": None}),
+    "all_to_all_chunks2": ("all_to_all", {"ep_capacity_factor": "arg", "ep_chunks": 2}),
+    "all_gather": ("all_gather", {}),
+    "gspmd": ("none", {}),
+}
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*?)\)(,|$)")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
@@ -93,12 +105,15 @@ def _skewed_inputs(tokens: int, d_model: int, num_experts: int, seed: int = 0):
 
 def build(strategy: str, mesh, args):
     """Jitted fwd+bwd of the MoE layer under `mesh`, with its inputs laid out."""
-    ep = "none" if strategy == "gspmd" else strategy
+    if strategy not in STRATEGIES:
+        raise SystemExit(f"--strategies: {strategy!r} is invalid; allowed: {', '.join(STRATEGIES)}")
+    ep, execution = STRATEGIES[strategy]
+    execution = {k: args.ep_capacity_factor if v == "arg" else v for k, v in execution.items()}
     cfg = MoEConfig(
         num_experts=args.experts,
         top_k=args.top_k,
         d_ff=args.d_ff,
-        execution=MoEExecution(expert_parallel=ep, ep_capacity_factor=args.ep_capacity_factor),
+        execution=MoEExecution(expert_parallel=ep, **execution),
     )
     model = MoE(cfg, d_model=args.d_model)
     x, router_bonus = _skewed_inputs(args.tokens, args.d_model, args.experts)
@@ -138,7 +153,7 @@ def main():
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--ep-capacity-factor", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--strategies", default="all_to_all,all_gather,gspmd")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
     args = p.parse_args()
 
     rows = []

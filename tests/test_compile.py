@@ -193,3 +193,31 @@ def test_trainer_peaks_come_from_targets_and_a_measured_cpu_matmul():
     peak = trainer._peak_flops(config)
     assert 1e8 < peak < 1e14  # a 2-core laptop to a large server, in float32 FLOP/s
     assert trainer._peak_flops(config) == peak  # measured once per process
+
+
+def _ep_overlap_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "ep_overlap", REPO / "benchmarks" / "ep_overlap.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ep_chunks_overlap_the_exchange_with_expert_matmuls_on_gpu():
+    """Deviceless H100 x 8 compile of the routed experts (benchmarks/ep_overlap.py): XLA:GPU
+    makes the all_to_alls asynchronous, and with ep_chunks=2 one chunk's exchange is in flight
+    across grouped matmuls of the other chunk, more of them than with one chunk."""
+    pytest.importorskip("jax_cuda13_plugin", reason="needs the aot extra (jax CUDA plugin)")
+    bench = _ep_overlap_module()
+    in_flight = {}
+    for chunks in (1, 2):
+        text = bench.compiled_text("gpu-h100-8", chunks, tokens_per_device=256)
+        overlap = hlo.async_overlap(text, matmuls=True)
+        assert len(overlap) == 3 * chunks  # every exchange asynchronous
+        in_flight[chunks] = sum(overlap)
+    assert in_flight[2] > in_flight[1]
+    # A synchronous collective has no start/done pair, so nothing is counted for it.
+    assert hlo.async_overlap(_HLO, "all-gather") == []

@@ -90,6 +90,7 @@ EXECUTION_VALUES = {
     "gmm_interpret": (True, False),
     "expert_parallel": ("all_gather", "all_to_all"),
     "ep_capacity_factor": (3.0, 4.0),
+    "ep_chunks": (2, 4),
 }
 
 

@@ -201,6 +201,60 @@ def test_all_to_all_overflow_is_counted_and_exact():
     _assert_close(y, want)
 
 
+@pytest.mark.parametrize("mesh_kw", [dict(data=1, expert=8), dict(data=2, expert=4)])
+def test_all_to_all_worst_case_buffers_drop_nothing(mesh_kw):
+    """ep_capacity_factor=None: the skewed routing that overflows the tight bound above (and
+    the default 2.0) goes through exactly, forward and backward, with nothing dropped; in 2 or
+    4 chunks (ep_chunks) too."""
+    t = 32
+    x = jax.random.normal(jax.random.key(3), (t, D))
+    routing = _routing(t)
+    w = _weights()
+    local = MoEConfig(**BASE)
+    want, want_grads = jax.value_and_grad(
+        lambda x, w: (dropless_ffn(x, routing.weights, routing.indices, w, local) ** 2).sum(),
+        argnums=(0, 1),
+    )(x, w)
+    for factor, chunks in ((2.0, 1), (None, 1), (None, 2), (None, 4)):
+        cfg = _with_ep(local, "all_to_all", ep_capacity_factor=factor, ep_chunks=chunks)
+
+        def loss(x, w, cfg=cfg):
+            y, dropped = expert_parallel_ffn(x, routing, w, cfg, capacity=1)
+            return (y**2).sum(), dropped
+
+        with jax.set_mesh(make_mesh(**mesh_kw)):
+            (got, dropped), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+                x, w
+            )
+        if factor is not None:
+            assert float(dropped) > 0  # the default bound overflows with this skew
+            continue
+        assert float(dropped) == 0.0
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        jax.tree.map(lambda g, r: _assert_close(g, r), grads, want_grads)
+
+
+def test_ep_chunks_split_the_exchange_into_independent_collectives():
+    """ep_chunks=n: n times the all_to_alls of one chunk, each token buffer 1/n of the rows
+    (CPU HLO: tuple all-to-alls of one [1, S, D] piece per destination)."""
+    t = 64
+    x = jax.random.normal(jax.random.key(3), (t, D))
+    routing = _routing(t)
+    w = _weights()
+    exchanges, rows = {}, {}
+    for chunks in (1, 2):
+        cfg = _with_ep(MoEConfig(**BASE), "all_to_all", ep_capacity_factor=None, ep_chunks=chunks)
+        with jax.set_mesh(make_mesh(data=1, expert=8)):
+            fn = jax.jit(lambda x, r, w, cfg=cfg: expert_parallel_ffn(x, r, w, cfg, capacity=1)[0])
+            text = fn.lower(x, routing, w).compile().as_text()
+        first = re.findall(r"%all-to-all[.\d]* = \((\w+\[[\d,]+\])", text)
+        exchanges[chunks] = len(first)
+        token_rows = {int(m) for m in re.findall(rf"f32\[1,(\d+),{D}\]", " ".join(first))}
+        (rows[chunks],) = token_rows
+    assert exchanges[2] == 2 * exchanges[1] > 0
+    assert rows[2] * 2 == rows[1]
+
+
 def test_no_mesh_and_replicated_tokens_paths():
     """No mesh: the local path. 2 tokens on (data=2, expert=4): tokens not split on expert."""
     x = jax.random.normal(jax.random.key(4), (2, D))

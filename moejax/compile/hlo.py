@@ -361,3 +361,40 @@ def analyze_hlo(hlo_text: str) -> HloStats:
         custom_calls=dict(customs),
         unknown_trip_counts=unknown,
     )
+
+
+# Ops that compute (rather than move or bookkeep): what a collective in flight can hide behind.
+_COMPUTE_OPS = ("fusion", "custom-call", "while", "dot", "convolution")
+
+
+def _is_matmul_work(instr: _Instr) -> bool:
+    # A grouped matmul: a Pallas kernel, a loop (the XLA gmm's tile scan), or a bare dot.
+    if instr.op == "custom-call":
+        return _kernel_name(instr) is not None
+    return instr.op in ("while", "dot", "convolution")
+
+
+def async_overlap(hlo_text: str, kind: str = "all-to-all", *, matmuls: bool = False) -> list[int]:
+    """How many compute ops the schedule runs while each asynchronous `kind` collective is in
+    flight, one count per `<kind>-start` (optimized, scheduled HLO: `compiled.as_text()`).
+
+    A compiled module lists each computation's instructions in schedule order, so the compute
+    ops (fusions, custom calls, while loops, dots; with matmuls=True only Pallas kernels, loops
+    and dots: the grouped matmuls) between a start and its done are what the collective
+    overlaps. A synchronous collective (no start/done pair) has no entry.
+    """
+    comps, _ = _computations(hlo_text)
+    counts = []
+    for instrs in comps.values():
+        open_: dict[str, int] = {}
+        for instr in instrs:
+            if instr.op == f"{kind}-start":
+                open_[instr.name] = 0
+            elif instr.op == f"{kind}-done":
+                started = re.search(r"%?([\w.\-]+)", instr.operands)
+                if started and started.group(1) in open_:
+                    counts.append(open_.pop(started.group(1)))
+            elif _is_matmul_work(instr) if matmuls else instr.op in _COMPUTE_OPS:
+                for name in open_:
+                    open_[name] += 1
+    return counts

@@ -88,8 +88,16 @@ class MoEExecution:
         "expert-parallel strategy inside shard_map when a mesh with an `expert` axis is active: "
         "'none', 'all_to_all' or 'all_gather'",
     )
-    ep_capacity_factor: float = _field(
-        2.0, "all_to_all send-buffer bound, as a multiple of the balanced load"
+    ep_capacity_factor: float | None = _field(
+        2.0,
+        "all_to_all send-buffer bound, as a multiple of the balanced load; None = buffers for "
+        "the worst case (every token's picks on one shard): nothing dropped, ep x the memory",
+    )
+    ep_chunks: int = _field(
+        1,
+        "all_to_all: split each shard's tokens into this many chunks, each exchanged and computed "
+        "on its own, so one chunk's all_to_all can overlap another's expert matmuls (one chunk "
+        "when it does not divide the shard's tokens)",
     )
 
     def __post_init__(self):
@@ -99,7 +107,9 @@ class MoEExecution:
         if not (self.gmm_interpret is None or isinstance(self.gmm_interpret, bool)):
             _fail(c, "gmm_interpret", self.gmm_interpret, "allowed values are None, True, False")
         _check_choice(c, "expert_parallel", self.expert_parallel, EXPERT_PARALLEL)
-        _check_positive(c, "ep_capacity_factor", self.ep_capacity_factor)
+        if self.ep_capacity_factor is not None:
+            _check_positive(c, "ep_capacity_factor", self.ep_capacity_factor)
+        _check_int(c, "ep_chunks", self.ep_chunks)
 
 
 @dataclasses.dataclass(frozen=True)

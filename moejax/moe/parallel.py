@@ -16,7 +16,12 @@ Strategies (MoEConfig.execution.expert_parallel):
   all_to_all sends the rows, the owner runs its local experts as one grouped matmul, a second
   all_to_all returns them. Exact whenever no source sends more than S rows to one destination;
   rows that do not fit are dropped, counted, and added to the returned dropped fraction, never
-  silently.
+  silently. ep_capacity_factor=None sizes S for the worst case, T_loc * min(K, E_loc) (every
+  token sending all its picks to one shard): dropless and exact, at ep x the buffer memory of
+  a balanced load. ep_chunks = n > 1 cuts each shard's tokens into n chunks, each packed,
+  exchanged, computed and returned on its own (S sized for the chunk): the chunks do not depend
+  on each other, so the compiler may run one chunk's all_to_all while another's grouped matmul
+  runs (the overlap of Tutel and Comet). Equal to one chunk whenever no buffer overflows.
 - "all_gather": tokens and routing are all-gathered over "expert", each shard computes its own
   experts' contributions for every gathered token (dropless), and a psum_scatter returns each
   token's sum to its shard. Exact, no bound, ep x the token traffic.
@@ -70,15 +75,19 @@ TENSOR_AXIS = "tensor"
 STRATEGIES = ("all_to_all", "all_gather")
 
 
-def send_buffer_rows(expected_rows: float, num_assignments: int, ep: int, factor: float) -> int:
+def send_buffer_rows(
+    expected_rows: float, num_assignments: int, ep: int, factor: float | None
+) -> int:
     """Rows S of each per-destination send buffer: the balanced load times `factor`.
 
     Args:
       expected_rows: kept assignments a shard expects to send in all (balanced routing).
-      num_assignments: A, the most a shard can send (the cap on S).
+      num_assignments: the most a shard can send to one destination (the cap on S).
       ep: destinations (expert-axis size).
-      factor: MoEConfig.execution.ep_capacity_factor.
+      factor: MoEConfig.execution.ep_capacity_factor; None = the cap (nothing can overflow).
     """
+    if factor is None:
+        return max(1, num_assignments)
     return max(1, min(num_assignments, math.ceil(expected_rows / ep * factor)))
 
 
@@ -157,6 +166,25 @@ def _all_gather_body(x_TxD, idx_TxK, w_TxK, *weights, cfg, ep, gather, vary_axes
     if tensor_split:
         y_TxD = jax.lax.psum(y_TxD, TENSOR_AXIS)
     return y_TxD, jnp.zeros((), jnp.int32)
+
+
+def _chunked(body, x_TxD, idx_TxK, w_TxK, *weights, chunks: int, vary_axes: tuple[str, ...]):
+    """`body` on `chunks` equal, consecutive slices of a shard's tokens: (y_TxD, overflow), the
+    outputs concatenated and the overflow counts summed. Unrolled: the slices are independent
+    programs the scheduler may interleave."""
+    if chunks == 1:
+        return body(x_TxD, idx_TxK, w_TxK, *weights)
+    # Vary the weights once for all chunks: the transpose of each pcast is a psum of the weight
+    # gradients over the token axes, which must happen once, not once per chunk.
+    weights = _vary(weights, vary_axes)
+    size = x_TxD.shape[0] // chunks
+    ys, overflow = [], 0
+    for c in range(chunks):
+        rows = slice(c * size, (c + 1) * size)
+        y, o = body(x_TxD[rows], idx_TxK[rows], w_TxK[rows], *weights)
+        ys.append(y)
+        overflow = overflow + o
+    return jnp.concatenate(ys, axis=0), overflow
 
 
 def _context_mesh(mesh):
@@ -265,16 +293,23 @@ def expert_parallel_ffn(
 
     if strategy == "all_to_all" and split_on_expert:
         t_loc = t // n_tok
-        s_rows = send_buffer_rows(
-            t_loc * per_token, t_loc * k, ep, cfg.execution.ep_capacity_factor
-        )
+        chunks = cfg.execution.ep_chunks if t_loc % cfg.execution.ep_chunks == 0 else 1
+        t_chunk = t_loc // chunks
+        # A token sends at most min(K, E_loc) of its picks to one destination (distinct experts).
+        worst = t_chunk * min(k, cfg.num_experts // ep)
+        s_rows = send_buffer_rows(t_chunk * per_token, worst, ep, cfg.execution.ep_capacity_factor)
         body = functools.partial(
-            _all_to_all_body,
-            cfg=cfg,
-            ep=ep,
-            s_rows=s_rows,
+            _chunked,
+            functools.partial(
+                _all_to_all_body,
+                cfg=cfg,
+                ep=ep,
+                s_rows=s_rows,
+                vary_axes=vary_axes,
+                tensor_split=tensor_split,
+            ),
+            chunks=chunks,
             vary_axes=vary_axes,
-            tensor_split=tensor_split,
         )
     else:
         body = functools.partial(
