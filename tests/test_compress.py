@@ -322,6 +322,19 @@ def test_merging_permuted_copies_recovers_the_model():
         np.testing.assert_allclose(
             _logits(new_cfg, new_vars, tokens), _logits(cfg, variables, tokens), atol=1e-5
         )
+    # Plain averaging (the ablation) mixes unaligned hidden units: the model changes.
+    _, plain = merge_experts(cfg, variables, stats, 2, align=False)
+    gap = np.abs(_logits(new_cfg, plain, batches[0]) - _logits(cfg, variables, batches[0]))
+    assert gap.max() > 1e-2
+
+
+def test_random_pruning_is_a_seeded_subset():
+    s = _hand_stats([5, 1, 7, 0, 3, 2], layer=3)
+    kept = kept_experts(s, 4, "random", 1)
+    assert len(set(kept.tolist())) == 4 and kept.tolist() == sorted(kept.tolist())
+    np.testing.assert_array_equal(kept, kept_experts(s, 4, "random", 1))  # deterministic
+    others = {tuple(kept_experts(_hand_stats([1] * 6, layer=i), 4, "random", 1)) for i in range(8)}
+    assert len(others) > 1  # each layer its own draw
 
 
 def test_compressed_models_run():

@@ -80,6 +80,8 @@ MOE_VALUES = {
     "token_rounding": ("up", "down"),
     "rounding_tile": (8, 16),
     "rounding_extra": (3, 4),
+    "expert_bits": (8, 4),
+    "expert_group_size": (16, 32),
     "num_shared_experts": (2, 3),
     "shared_d_ff": (40, 48),
     "shared_expert_gate": (True, False),

@@ -3,10 +3,11 @@
     stats = routing_stats(model_cfg, variables, batches)         # per MoE layer, sums only
     model_cfg, variables = prune_experts(model_cfg, variables, stats, N, score="frequency")
     model_cfg, variables = merge_experts(model_cfg, variables, stats, N)   # MC-SMoE
+    model_cfg, variables = quantize_experts(model_cfg, variables, 8)        # int8 experts (qwix)
 
 Pure functions over a model's config and variables (scanned or unrolled layers, trained here or
 imported with moejax.hf.from_hf); each returns a new (model_cfg, variables) with N experts per
-MoE layer.
+MoE layer (quantize_experts: the same experts, stored as int8/int4 values and scales).
 """
 
 from moejax.compress.merge import (
@@ -16,10 +17,20 @@ from moejax.compress.merge import (
     permute_hidden_units,
 )
 from moejax.compress.prune import PRUNE_SCORES, kept_experts, prune_experts
+from moejax.compress.quantize import (
+    QUANT_POLICIES,
+    dequantize_experts,
+    expert_nbytes,
+    quantize_experts,
+)
 from moejax.compress.stats import LayerStats, block_sums, routing_stats
 
 __all__ = [
     "PRUNE_SCORES",
+    "QUANT_POLICIES",
+    "dequantize_experts",
+    "expert_nbytes",
+    "quantize_experts",
     "LayerStats",
     "block_sums",
     "expert_groups",

@@ -60,12 +60,62 @@ def get_config() -> ml_collections.ConfigDict:
 '''
 
 
-def _evaluate(setup, state: TrainState, batches: list[jax.Array]) -> float:
+def evaluate(setup, state: TrainState, batches: list[jax.Array]) -> float:
     """Mean validation cross-entropy (nats per token) over the run's evaluation batches."""
     eval_fn = jit_eval_step(setup)
     with sharding.sharding_context(setup.mesh, setup.rules):
         losses = [float(jax.device_get(eval_fn(state, b))["ce_loss"]) for b in batches]
     return float(np.mean(losses))
+
+
+def run_data(config, setup, calib_batches: int, calib_split: str = "val"):
+    """A run's data as compression reads it: (corpus, the run's evaluation batches as global
+    arrays, calib_batches calibration model inputs [B, L] from the `calib_split` split)."""
+    t = config.train
+    corpus = data_lib.load_corpus(
+        config.data.to_dict(), seq_len=t.seq_len, vocab_size=setup.model_cfg.vocab_size
+    )
+    eval_set = [
+        data_lib.global_batch(b, setup.batch_sharding)
+        for b in data_lib.eval_batches(
+            corpus,
+            seq_len=t.seq_len,
+            batch_size=t.batch_size,
+            max_batches=t.eval_batches,
+            sharding=setup.batch_sharding,
+        )
+    ]
+    if calib_split == "val":
+        source = data_lib.eval_batches(
+            corpus, seq_len=t.seq_len, batch_size=t.batch_size, max_batches=calib_batches
+        )
+    else:
+        source = data_lib.train_iterator(
+            corpus, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.data.seed
+        )
+    # Model inputs: the windows without their last token (the trainer's targets).
+    calib = [
+        np.asarray(data_lib.batch_tokens(b))[:, :-1]
+        for _, b in zip(range(calib_batches), source, strict=False)
+    ]
+    return corpus, eval_set, calib
+
+
+def compressed_state(config, mesh, variables):
+    """(TrainState at step 0 with a fresh optimizer, StateSetup) of `config`'s model holding
+    `variables` (a compressed model's params and moe_state)."""
+    fresh, setup = state_setup(config, mesh)
+
+    def put(tree, like):
+        return jax.tree.map(
+            lambda x, y: jax.device_put(np.asarray(x, y.dtype), y.sharding), tree, like
+        )
+
+    state = fresh.replace(
+        params=put(variables["params"], fresh.params),
+        moe_state=put(variables.get("moe_state", {}), fresh.moe_state),
+    )
+    return state, setup
 
 
 def _nbytes(tree: Any) -> int:
@@ -121,32 +171,7 @@ def compress_run(
     config, state, setup, src_step = load_run(workdir, mesh, step)
     model_cfg = setup.model_cfg
     t = config.train
-    corpus = data_lib.load_corpus(
-        config.data.to_dict(), seq_len=t.seq_len, vocab_size=model_cfg.vocab_size
-    )
-    eval_set = [
-        data_lib.global_batch(b, setup.batch_sharding)
-        for b in data_lib.eval_batches(
-            corpus,
-            seq_len=t.seq_len,
-            batch_size=t.batch_size,
-            max_batches=t.eval_batches,
-            sharding=setup.batch_sharding,
-        )
-    ]
-    if calib_split == "val":
-        source = data_lib.eval_batches(
-            corpus, seq_len=t.seq_len, batch_size=t.batch_size, max_batches=calib_batches
-        )
-    else:
-        source = data_lib.train_iterator(
-            corpus, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.data.seed
-        )
-    # Model inputs: the windows without their last token (the trainer's targets).
-    calib = [
-        np.asarray(data_lib.batch_tokens(b))[:, :-1]
-        for _, b in zip(range(calib_batches), source, strict=False)
-    ]
+    corpus, eval_set, calib = run_data(config, setup, calib_batches, calib_split)
 
     variables = {"params": state.params}
     if state.moe_state:
@@ -165,17 +190,10 @@ def compress_run(
             "the compressed model is not described by the run's config with "
             f"moe.num_experts={new_cfg.moe.num_experts}; cannot write it as a run"
         )
-    fresh, new_setup = state_setup(new_config, mesh)
-    put = lambda tree, like: jax.tree.map(  # noqa: E731
-        lambda x, y: jax.device_put(np.asarray(x, y.dtype), y.sharding), tree, like
-    )
-    new_state = fresh.replace(
-        params=put(new_vars["params"], fresh.params),
-        moe_state=put(new_vars.get("moe_state", {}), fresh.moe_state),
-    )
+    new_state, new_setup = compressed_state(new_config, mesh, new_vars)
 
-    loss_before = _evaluate(setup, state, eval_set)
-    loss_after = _evaluate(new_setup, new_state, eval_set)
+    loss_before = evaluate(setup, state, eval_set)
+    loss_after = evaluate(new_setup, new_state, eval_set)
 
     out.mkdir(parents=True, exist_ok=True)
     config_json = new_config.to_json_best_effort(indent=1)

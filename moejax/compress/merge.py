@@ -109,8 +109,11 @@ def _merge_matrix(groups: list[np.ndarray], frequency: np.ndarray, e: int) -> np
     return mix_NxE
 
 
-def _merge_experts_of_layer(experts: dict, groups: list[np.ndarray], mix_NxE: np.ndarray) -> dict:
-    """The merged [N, ...] expert weights of one layer (aligned, then frequency-averaged)."""
+def _merge_experts_of_layer(
+    experts: dict, groups: list[np.ndarray], mix_NxE: np.ndarray, align: bool = True
+) -> dict:
+    """The merged [N, ...] expert weights of one layer (aligned unless align=False, then
+    frequency-averaged)."""
     names = [name for name in _HIDDEN_AXIS if name in experts]
     arrays = {name: np.asarray(experts[name], np.float64) for name in names}
     merged = {name: [] for name in arrays}
@@ -119,7 +122,9 @@ def _merge_experts_of_layer(experts: dict, groups: list[np.ndarray], mix_NxE: np
         total = {name: mix_NxE[g, members[0]] * w for name, w in centre.items()}
         for m in members[1:]:
             member = {name: a[m] for name, a in arrays.items()}
-            aligned = permute_hidden_units(member, match_hidden_units(centre, member))
+            aligned = member
+            if align:
+                aligned = permute_hidden_units(member, match_hidden_units(centre, member))
             for name in total:
                 total[name] = total[name] + mix_NxE[g, m] * aligned[name]
         for name in merged:
@@ -135,6 +140,8 @@ def merge_experts(
     variables: Mapping[str, Any],
     stats: Sequence[LayerStats],
     num_experts: int,
+    *,
+    align: bool = True,
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """MC-SMoE merging of every MoE layer's E experts into num_experts (module docstring).
 
@@ -143,6 +150,8 @@ def merge_experts(
       variables: its variables ("params", optional "moe_state"/"moe_stats"); either layout.
       stats: `routing_stats(model_cfg, variables, batches)`.
       num_experts: N merged experts per layer, in [1, E] (a multiple of moe.n_groups).
+      align: permute each member's hidden units onto its centre's before averaging (MC-SMoE);
+        False averages them as they are (plain averaging, the ablation).
 
     Returns:
       (model_cfg with moe.num_experts = N, variables with N experts per layer: merged expert
@@ -171,7 +180,9 @@ def merge_experts(
             return jnp.asarray(mixed, a.dtype)
 
         return map_expert_leaves(
-            moe, merge_router, lambda experts: _merge_experts_of_layer(experts, groups, mix_NxE)
+            moe,
+            merge_router,
+            lambda experts: _merge_experts_of_layer(experts, groups, mix_NxE, align),
         )
 
     return new_cfg, edit_moe_layers(model_cfg, variables, edit)

@@ -34,7 +34,7 @@ from moejax.compress.layers import (
 from moejax.compress.stats import LayerStats
 from moejax.layers.config import ModelConfig
 
-PRUNE_SCORES = ("frequency", "output_norm", "similarity")
+PRUNE_SCORES = ("frequency", "output_norm", "similarity", "random")
 
 
 def _top(scores: np.ndarray, n: int) -> np.ndarray:
@@ -79,10 +79,13 @@ def kept_experts(stats: LayerStats, num_experts: int, score: str, n_groups: int)
             pos = _top(stats.frequency[group], per_group)
         elif score == "output_norm":
             pos = _top(stats.weighted_norm_sum_E[group], per_group)
-        else:
+        elif score == "similarity":
             pos = _drop_similar(
                 stats.similarity[np.ix_(group, group)], stats.frequency[group], per_group
             )
+        else:  # "random": the baseline every score must beat; seeded by the layer
+            rng = np.random.default_rng(stats.layer)
+            pos = np.sort(rng.choice(len(group), per_group, replace=False))
         kept.extend(group[pos])
     return np.sort(np.asarray(kept, dtype=np.int64))
 
@@ -101,7 +104,8 @@ def prune_experts(
       variables: its variables ("params", optional "moe_state"/"moe_stats"); either layout.
       stats: `routing_stats(model_cfg, variables, batches)`.
       num_experts: N experts to keep per layer, in [1, E] (a multiple of moe.n_groups).
-      score: "frequency", "output_norm" (EASY-EP) or "similarity" (STUN), module docstring.
+      score: "frequency", "output_norm" (EASY-EP) or "similarity" (STUN), module docstring;
+        "random" keeps a random subset (seeded by the layer index), the baseline.
 
     Returns:
       (model_cfg with moe.num_experts = N, variables with router/kernel [.., D, N],

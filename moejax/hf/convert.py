@@ -201,7 +201,8 @@ def to_hf(
     """Writes config.json + model.safetensors that `AutoModelForCausalLM.from_pretrained` loads.
 
     Args:
-      model_cfg: the model's config.
+      model_cfg: the model's config (quantized experts, moe.expert_bits, are written
+        dequantized).
       variables: {"params": ..., optionally "moe_state": ...} in the scan or unrolled layout
         (per model_cfg.scan_layers); LogicallyPartitioned boxes are fine.
       path: output directory (created if needed).
@@ -216,6 +217,11 @@ def to_hf(
       ValueError: the family cannot express some field of model_cfg (named), or a parameter is
         missing or of the wrong shape (named).
     """
+    if model_cfg.moe is not None and model_cfg.moe.expert_bits is not None:
+        # HF checkpoints hold float experts: write the dequantized weights.
+        from moejax.compress.quantize import dequantize_experts  # noqa: PLC0415
+
+        model_cfg, variables = dequantize_experts(model_cfg, variables)
     family = family or infer_family(model_cfg)
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is invalid: allowed values are {FAMILIES}")

@@ -22,6 +22,7 @@ from moejax.moe.routing import ROUTERS as ROUTER_TABLE
 from moejax.moe.routing import router_spec
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+EXPERT_BITS = (8, 4)
 # The router and dispatch tables of moejax.moe are the source of the allowed names.
 ROUTERS = tuple(ROUTER_TABLE)
 DISPATCHES = tuple(PLANS)
@@ -236,6 +237,17 @@ class MoEConfig:
         "token_rounding 'up'/'nearest': a token may be added to its rounding_extra best experts "
         "it did not pick (the routing widens by that many places)",
     )
+    expert_bits: int | None = _field(
+        None,
+        "quantized routed experts (moejax.compress.quantize_experts): 8 or 4 bit integer weights "
+        "stored as int8 with float32 scales, dequantized before the grouped matmul; None = "
+        "floating point (param_dtype)",
+    )
+    expert_group_size: int | None = _field(
+        None,
+        "quantized experts: rows of the contraction axis sharing one scale (per output channel); "
+        "None = one scale per output channel (per-channel)",
+    )
     num_shared_experts: int = _field(0, "always-on experts added to the routed output")
     shared_d_ff: int | None = _field(
         None,
@@ -281,6 +293,17 @@ class MoEConfig:
                 self.token_rounding,
                 f"needs a token-choice router (router={self.router!r} is not); allowed 'none'",
             )
+        if self.expert_bits is not None and self.expert_bits not in EXPERT_BITS:
+            _fail(c, "expert_bits", self.expert_bits, f"allowed values are None, {EXPERT_BITS}")
+        if self.expert_group_size is not None:
+            _check_int(c, "expert_group_size", self.expert_group_size)
+            if self.d_ff % self.expert_group_size:
+                _fail(
+                    c,
+                    "expert_group_size",
+                    self.expert_group_size,
+                    f"must divide d_ff={self.d_ff} (the contraction axis of wo)",
+                )
         _check_choice(c, "score_func", self.score_func, SCORE_FUNCS)
         _check_choice(c, "dispatch", self.dispatch, DISPATCHES)
         _check_choice(c, "drop_policy", self.drop_policy, DROP_POLICIES)

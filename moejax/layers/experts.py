@@ -26,6 +26,7 @@ from moejax.moe import (
     expert_parallel_ffn,
     routed_ffn,
 )
+from moejax.moe.experts import dequantize_weight
 
 # fan-in scaling per expert: the expert axis is a batch axis, not part of the fan.
 expert_kernel_init = nn.initializers.variance_scaling(
@@ -41,7 +42,9 @@ class Experts(nn.Module):
     """E expert MLPs (SwiGLU/GeGLU/GELU/ReLU/SiLU) applied to routed tokens.
 
     Params: wi_gate [E, D, F] (gated activations only), wi_up [E, D, F], wo [E, F, D], logical
-    axes ("exp", "embed_moe", "mlp_moe") / ("exp", "mlp_moe", "embed_moe").
+    axes ("exp", "embed_moe", "mlp_moe") / ("exp", "mlp_moe", "embed_moe"). With
+    cfg.expert_bits (quantized experts) each is int8 with a float32 `<name>_scale` [E, G, N]
+    beside it (G = contraction size / cfg.expert_group_size, N the output width).
 
     Attributes:
       cfg: the MoE block config (num_experts, d_ff, activation, dispatch, capacity, execution).
@@ -53,6 +56,27 @@ class Experts(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     kernel_init: Callable = expert_kernel_init
+
+    def _weight(self, name: str, init, shape: tuple[int, int, int], axes) -> jax.Array:
+        """One expert weight [E, K, N] in the compute dtype: a float parameter, or with
+        cfg.expert_bits an int8 parameter `name` and its float32 `<name>_scale` [E, G, N]
+        (moejax.compress.quantize_experts), dequantized here."""
+        cfg = self.cfg
+        if cfg.expert_bits is None:
+            return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+        e, k, n = shape
+        group = cfg.expert_group_size or k
+        if k % group:
+            raise ValueError(
+                f"MoEConfig.expert_group_size={cfg.expert_group_size} is invalid: must divide "
+                f"the contraction size {k} of experts/{name}"
+            )
+        # A quantized model comes from quantize_experts; initialised from scratch it is zeros.
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+        qvalue = self.param(name, zeros, shape, jnp.int8)
+        scale = self.param(f"{name}_scale", ones, (e, k // group, n), jnp.float32)
+        return dequantize_weight(qvalue, scale).astype(self.dtype)
 
     @nn.compact
     def __call__(
@@ -77,10 +101,9 @@ class Experts(nn.Module):
         out_init = nn.with_logical_partitioning(self.kernel_init, OUT_AXES)
         wi_gate = None
         if cfg.gated:
-            wi_gate = self.param("wi_gate", in_init, (e, d_model, f), self.param_dtype)
-            wi_gate = wi_gate.astype(self.dtype)
-        wi_up = self.param("wi_up", in_init, (e, d_model, f), self.param_dtype).astype(self.dtype)
-        wo = self.param("wo", out_init, (e, f, d_model), self.param_dtype).astype(self.dtype)
+            wi_gate = self._weight("wi_gate", in_init, (e, d_model, f), IN_AXES)
+        wi_up = self._weight("wi_up", in_init, (e, d_model, f), IN_AXES)
+        wo = self._weight("wo", out_init, (e, f, d_model), OUT_AXES)
         experts = ExpertWeights(wi_gate, wi_up, wo)
         x_TxD = x_TxD.astype(self.dtype)
         capacity = block_capacity(cfg, num_tokens, train=not deterministic)

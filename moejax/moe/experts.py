@@ -24,6 +24,20 @@ from moejax.activations import GATED, activation_fn, mlp_hidden
 from moejax.moe.plans import DispatchPlan
 
 
+def dequantize_weight(qvalue_ExKxN: jax.Array, scale_ExGxN: jax.Array) -> jax.Array:
+    """float32 [E, K, N] of a quantized expert weight: qvalue * scale, each scale covering
+    K / G consecutive rows of the contraction axis K (G = 1: per output channel)."""
+    e, k, n = qvalue_ExKxN.shape
+    groups = scale_ExGxN.shape[1]
+    if scale_ExGxN.shape != (e, groups, n) or k % groups:
+        raise ValueError(
+            f"expert scale shape {scale_ExGxN.shape} does not fit weight {qvalue_ExKxN.shape}: "
+            "must be [E, G, N] with G dividing K"
+        )
+    q_ExGxRxN = qvalue_ExKxN.astype(jnp.float32).reshape(e, groups, k // groups, n)
+    return (q_ExGxRxN * scale_ExGxN.astype(jnp.float32)[:, :, None, :]).reshape(e, k, n)
+
+
 class ExpertWeights(NamedTuple):
     """The routed experts' weights, in the compute dtype (or local shards of them).
 
