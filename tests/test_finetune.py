@@ -17,7 +17,7 @@ from moejax.layers.attention import causal_attention, segment_positions
 from moejax.moe.pipeline import plan_routing
 from moejax.moe.routing import expert_choice_route, mask_routing, topk_route
 from moejax.train import data as data_lib
-from moejax.train.step import as_batch, cross_entropy, model_inputs
+from moejax.train.step import _forward, as_batch, cross_entropy, model_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,16 +147,12 @@ def _tiny(moe_kw):
 
 
 def _loss_and_stats(model, variables, batch):
-    inputs, targets, segments, weights = model_inputs(as_batch(batch))
-    (logits, aux), stats = model.apply(
-        variables,
-        inputs,
-        deterministic=False,
-        segment_ids=segments,
-        mutable=["moe_stats"],
-        rngs={"jitter": jax.random.key(0), "router": jax.random.key(1)},
+    """The train step's forward (`moejax.train.step._forward`): its cross-entropy, every router
+    statistic it reports, and the moe_stats the bias update reads."""
+    _, (metrics, moe_stats) = _forward(
+        model, variables["params"], variables.get("moe_state"), as_batch(batch), jax.random.key(0)
     )
-    out = {"ce": cross_entropy(logits, targets, weights)}
+    out = {"ce": metrics["ce_loss"], "moe_stats": moe_stats}
     for key in (
         "load_balance_loss",
         "router_z_loss",
@@ -166,8 +162,7 @@ def _loss_and_stats(model, variables, batch):
         "null_fraction",
         "expert_load",
     ):
-        out[key] = aux[key]
-    out["moe_stats"] = stats["moe_stats"]
+        out[key] = metrics[key]
     return out
 
 

@@ -147,10 +147,10 @@ def quantize_experts(
         return {**block, "experts": experts}
 
     new_vars = edit_moe_layers(model_cfg, variables, edit)
-    return new_cfg, _split_bits(new_cfg, new_vars)
+    return new_cfg, _split_bits(new_vars)
 
 
-def _split_bits(model_cfg: ModelConfig, variables: dict) -> dict:
+def _split_bits(variables: dict) -> dict:
     """Moves the per-expert bit widths (bookkeeping for `expert_nbytes`) out of "params" into
     collection "quant_bits", so the params tree is exactly what `Experts` declares."""
 
@@ -179,7 +179,6 @@ def expert_nbytes(model_cfg: ModelConfig, variables: Mapping[str, Any]) -> int:
 
     `quantize_experts` also returns collection "quant_bits" (each expert's width, [E] int8 per
     MoE layer): bookkeeping for this count, which the model ignores."""
-    _walk = edit_moe_layers  # visits each MoE layer's block; the edits below return it unchanged
     moe = model_cfg.moe
     total = 0
     bits_by_layer: dict[int, np.ndarray] = {}
@@ -189,7 +188,7 @@ def expert_nbytes(model_cfg: ModelConfig, variables: Mapping[str, Any]) -> int:
             bits_by_layer[layer] = np.asarray(block["experts"]["expert_bits"])
             return block
 
-        _walk(model_cfg, {"quant_bits": variables["quant_bits"]}, read_bits)
+        edit_moe_layers(model_cfg, {"quant_bits": variables["quant_bits"]}, read_bits)
 
     def count(layer, collection, block):
         nonlocal total
@@ -204,7 +203,7 @@ def expert_nbytes(model_cfg: ModelConfig, variables: Mapping[str, Any]) -> int:
             total += sum(leaf[0].size * int(b) // 8 for b in bits_E)
         return block
 
-    _walk(model_cfg, {"params": variables["params"]}, count)
+    edit_moe_layers(model_cfg, {"params": variables["params"]}, count)
     return total
 
 

@@ -170,7 +170,10 @@ def load_corpus(data_cfg: Mapping[str, Any], *, seq_len: int, vocab_size: int) -
         raise ValueError(f"data.source={source!r} is invalid: allowed values are {SOURCES}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction!r} is invalid: must be in (0, 1)")
-    if source in ("stdlib", "text", "jsonl") and vocab_size < 256 and not data_cfg.get("tokenizer"):
+    byte_level = source in ("stdlib", "text") or (
+        source == "jsonl" and not data_cfg.get("tokenizer")
+    )
+    if byte_level and vocab_size < 256:
         raise ValueError(
             f"model.vocab_size={vocab_size} is invalid for byte-level data.source={source!r}: "
             "must be >= 256"
