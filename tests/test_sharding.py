@@ -59,6 +59,30 @@ def test_make_mesh_device_subset():
     assert mesh.devices.size == 4
 
 
+def test_make_mesh_splits_physical_axes_where_it_must():
+    """fsdp=8 x expert=8 on v5p's 4x4x4 torus (64 chips, deviceless): no 8-way axis is a product
+    of whole physical axes, so jax.make_mesh fails and make_mesh splits one."""
+    pytest.importorskip("libtpu", reason="needs the aot extra (libtpu)")
+    from moejax.compile.targets import parse_target, topology
+
+    devices = topology(parse_target("tpu-v5p-128")).devices
+    assert len(devices) == 64
+    with pytest.raises(NotImplementedError):
+        jax.make_mesh((1, 8, 8, 1), ("data", "fsdp", "expert", "tensor"), devices=devices)
+    mesh = make_mesh(data=1, fsdp=8, expert=8, devices=devices)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert {d.id for d in mesh.devices.flat} == {d.id for d in devices}
+    # Each expert group is a compact block of the torus (a 2x4 or 4x2 plane), not a scatter.
+    for group in mesh.devices[0, :, :, 0]:
+        coords = np.array([d.coords for d in group])
+        assert sorted(len(set(c)) for c in coords.T) == [1, 2, 4], coords
+    # Where jax.make_mesh can place the axes, its device order is kept.
+    want = jax.make_mesh((4, 16, 1, 1), ("data", "fsdp", "expert", "tensor"), devices=devices)
+    got = make_mesh(data=4, fsdp=16, devices=devices)
+    assert [d.id for d in got.devices.flat] == [d.id for d in want.devices.flat]
+
+
 def test_validate_rules():
     assert validate_rules(DEFAULT_RULES) == DEFAULT_RULES
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):

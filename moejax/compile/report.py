@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import mesh_utils
 
 from moejax import sharding
 from moejax.compile.hlo import COLLECTIVE_KINDS, HloStats, analyze_hlo
@@ -59,6 +58,8 @@ class Report:
       batch_bytes: the token batch's shard.
       temp_bytes: the compiler's temporaries (activations, gradients, workspace); None when
         nothing was compiled (the state alone does not fit) or the compile ran out of memory.
+      host_temp_bytes: temporaries in host memory (activations a remat policy offloads,
+        ModelConfig.remat="moe_offload"); not part of total_bytes; None when not compiled.
       code_bytes: generated code; None when not compiled.
       total_bytes: peak per device: arguments + non-aliased outputs + temporaries + code; the
         state and batch alone when not compiled; what the compiler said it needed when it ran
@@ -86,6 +87,7 @@ class Report:
     expert_bytes: int
     batch_bytes: int
     temp_bytes: int | None
+    host_temp_bytes: int | None
     code_bytes: int | None
     total_bytes: int
     device_bytes: int
@@ -123,23 +125,16 @@ _ALL_DATA = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "expert": 1, "tens
 
 
 def target_mesh(target: Target, mesh_cfg: Any) -> jax.sharding.Mesh:
-    """The config's ("data", "fsdp", "expert", "tensor") mesh on the target's devices.
-
-    Unlike `moejax.sharding.make_mesh` this lets a logical axis span several physical axes
-    (an 8-way axis on v5p's 4x4x4 torus), as a pod job would have to.
-    """
-    devices = topology(target).devices
-    sizes = sharding.mesh_shape(
-        len(devices),
+    """The config's ("data", "fsdp", "expert", "tensor") mesh on the target's devices
+    (`moejax.sharding.make_mesh`, which splits physical axes where it must, as a pod job
+    would)."""
+    return sharding.make_mesh(
         data=mesh_cfg.data,
         fsdp=mesh_cfg.fsdp,
         expert=mesh_cfg.expert,
         tensor=mesh_cfg.tensor,
+        devices=topology(target).devices,
     )
-    shape = tuple(sizes[a] for a in sharding.MESH_AXES)
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    auto = (jax.sharding.AxisType.Auto,) * len(shape)
-    return jax.sharding.Mesh(grid, sharding.MESH_AXES, axis_types=auto)
 
 
 def _shard_bytes(tree: Any) -> int:
@@ -241,11 +236,12 @@ def compile_report(config: ml_collections.ConfigDict, target: str | Target) -> R
 
     if compiled is None:
         stats = HloStats(0.0, 0.0, {}, {}, {}, 0)
-        temp = code = None
+        temp = code = host_temp = None
     else:
         stats = analyze_hlo(compiled.as_text())
         mem = compiled.memory_analysis()
         temp, code = int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes)
+        host_temp = int(mem.host_temp_size_in_bytes)
         total = int(
             mem.argument_size_in_bytes
             + mem.output_size_in_bytes
@@ -282,6 +278,7 @@ def compile_report(config: ml_collections.ConfigDict, target: str | Target) -> R
         expert_bytes=-(-_expert_bytes(params) // spread),
         batch_bytes=batch_bytes,
         temp_bytes=temp,
+        host_temp_bytes=host_temp,
         code_bytes=code,
         total_bytes=total,
         device_bytes=device_bytes,
@@ -327,6 +324,11 @@ def format_report(report: Report) -> str:
         ("  batch", _bytes(r.batch_bytes)),
         ("  temporaries", _bytes(r.temp_bytes) + "  (activations, gradients, workspace)"),
         ("  generated code", _bytes(r.code_bytes)),
+        *(
+            [("  host temporaries", _bytes(r.host_temp_bytes) + "  (offloaded, not in the total)")]
+            if r.host_temp_bytes
+            else []
+        ),
         ("  total", _bytes(r.total_bytes) + f"  of {r.device_bytes / _GIB:.1f} GiB"),
         ("fits", "yes" if r.fits else f"NO: {r.shortfall}"),
     ]

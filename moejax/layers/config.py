@@ -31,8 +31,19 @@ BIAS_UPDATES = ("sign", "centered_sign", "proportional")
 BIAS_SCHEDULES = ("constant", "inv_sqrt")
 LOAD_BALANCE_TYPES = ("global", "sequence")
 EXPERT_PARALLEL = ("none", "all_to_all", "all_gather")
+EP_EXCHANGES = ("auto", "fixed", "ragged")
 GMM_BACKENDS = ("auto", "xla", "triton", "mosaic", "ragged_dot")
-REMAT_POLICIES = ("none", "full", "dots")
+# Per-layer activation checkpointing; the MoE policies act on the checkpoint names of
+# moejax.moe.pipeline (policies: moejax.layers.transformer.remat_policy).
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots",
+    "moe_recompute_act",
+    "moe_save_mlp",
+    "moe_save_dispatch",
+    "moe_offload",
+)
 QK_NORMS = ("none", "head", "full")
 ATTENTIONS = ("gqa", "mla")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -100,6 +111,12 @@ class MoEExecution:
         "on its own, so one chunk's all_to_all can overlap another's expert matmuls (one chunk "
         "when it does not divide the shard's tokens)",
     )
+    ep_exchange: str = _field(
+        "auto",
+        "all_to_all: how the tokens travel. 'fixed' = one fixed-size send buffer per destination "
+        "(jax.lax.all_to_all); 'ragged' = each destination gets exactly its rows "
+        "(jax.lax.ragged_all_to_all: TPU and GPU only); 'auto' = ragged on TPU/GPU, fixed on CPU",
+    )
 
     def __post_init__(self):
         c = "MoEExecution"
@@ -111,6 +128,7 @@ class MoEExecution:
         if self.ep_capacity_factor is not None:
             _check_positive(c, "ep_capacity_factor", self.ep_capacity_factor)
         _check_int(c, "ep_chunks", self.ep_chunks)
+        _check_choice(c, "ep_exchange", self.ep_exchange, EP_EXCHANGES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +258,9 @@ class MoEConfig:
     expert_bits: int | None = _field(
         None,
         "quantized routed experts (moejax.compress.quantize_experts): 8 or 4 bit integer weights "
-        "stored as int8 with float32 scales, dequantized before the grouped matmul; None = "
-        "floating point (param_dtype)",
+        "stored as int8 with float32 scales; moejax.pallas.gmm dequantizes each tile as it "
+        "loads it (compact layout), the other layouts and the expert-parallel exchange "
+        "dequantize the whole weight first; None = floating point (param_dtype)",
     )
     expert_group_size: int | None = _field(
         None,
@@ -411,7 +430,17 @@ class ModelConfig:
     )
     remat: str = _field(
         "none",
-        "activation checkpointing per layer: 'none', 'full' or 'dots' (save matmul outputs)",
+        "activation checkpointing per layer: 'none' (save everything), 'full' (save only the "
+        "layer input, recompute the layer), 'dots' (save matmul outputs), 'moe_recompute_act' "
+        "('dots' plus the MoE rows moe_dispatch, wi outputs moe_mlpwi and expert outputs "
+        "moe_mlpwo: only elementwise ops are recomputed, the experts' activation moe_act among "
+        "them, as Megatron's moe_act recompute), 'moe_save_mlp' (save only the MoE "
+        "rows moe_dispatch, wi outputs moe_mlpwi and expert outputs moe_mlpwo: the expert "
+        "matmuls are not recomputed, attention and router are), 'moe_save_dispatch' (save only "
+        "the dispatched rows: the experts' MLP is recomputed from them, not the gather nor "
+        "the all_to_all that brought them; the one returning the results is re-run), "
+        "'moe_offload' (moe_save_mlp's tensors offloaded to pinned host memory instead of "
+        "kept on the device)",
     )
     scan_layers: bool = _field(
         True, "run identical layers with nn.scan (compile time flat in depth)"

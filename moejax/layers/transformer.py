@@ -64,7 +64,7 @@ import jax.numpy as jnp
 
 from moejax.layers.attention import Attention, flat_matmul, segment_positions
 from moejax.layers.common import Embed, RMSNorm
-from moejax.layers.config import ModelConfig
+from moejax.layers.config import REMAT_POLICIES, ModelConfig
 from moejax.layers.mlp import MLP
 from moejax.layers.moe import MoE
 
@@ -261,19 +261,52 @@ def _concat_aux(auxes: list[dict]) -> dict:
     return {k: jnp.concatenate([a[k] for a in auxes], axis=0) for k in auxes[0]}
 
 
-def _remat_policy(name: str):
+# The MoE tensors a step keeps for the experts' backward without recomputing an expert matmul
+# (checkpoint names of moejax.moe.pipeline).
+MOE_MLP_NAMES = ("moe_dispatch", "moe_mlpwi", "moe_mlpwo")
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of ModelConfig.remat=name (None = save only the layer input).
+
+    The MoE policies act on the checkpoint names of `moejax.moe.pipeline` (see ModelConfig.remat
+    for what each saves). In the padded layout (the XLA/CPU path) the hidden activations are
+    internal to the fused scan and carry no name, so "moe_save_mlp" and "moe_offload" keep only
+    the rows going in and out there, and the scan's forward is recomputed in the backward pass.
+    """
+    cp = jax.checkpoint_policies
     if name == "full":
         return None  # save nothing: recompute the whole layer in the backward pass
     if name == "dots":
-        return jax.checkpoint_policies.checkpoint_dots
-    raise ValueError(f"ModelConfig.remat={name!r} has no checkpoint policy")
+        return cp.checkpoint_dots
+    if name == "moe_recompute_act":
+        # Not save_anything_except_these_names("moe_act"): that policy still saves the same
+        # value as the output of the op the name wraps.
+        return cp.save_from_both_policies(
+            cp.checkpoint_dots, cp.save_only_these_names(*MOE_MLP_NAMES)
+        )
+    if name == "moe_save_mlp":
+        return cp.save_only_these_names(*MOE_MLP_NAMES)
+    if name == "moe_save_dispatch":
+        return cp.save_only_these_names("moe_dispatch")
+    if name == "moe_offload":
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=list(MOE_MLP_NAMES),
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    raise ValueError(
+        f"ModelConfig.remat={name!r} has no checkpoint policy: allowed values are "
+        f"{', '.join(map(repr, REMAT_POLICIES[1:]))}"
+    )
 
 
 def _unit(cfg: ModelConfig, kinds: tuple[str, ...]):
     cls = DecoderLayer if len(kinds) == 1 else LayerGroup
     if cfg.remat != "none":
         # Inside nn.scan the loop already keeps XLA from CSE-ing the recomputation away.
-        cls = nn.remat(cls, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        cls = nn.remat(cls, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
     return cls
 
 

@@ -8,6 +8,18 @@
 `routed_ffn` runs it for a whole block; `dropless_ffn` is the dropless path alone, which the two
 expert-parallel exchanges (moejax.moe.parallel) run on each shard's local experts.
 
+Checkpoint names (`jax.ad_checkpoint.checkpoint_name`; the remat policies of
+`moejax.layers.transformer` save, offload or recompute by them), placed in `apply_plan` so every
+layout and both expert-parallel exchanges pass them:
+
+  moe_dispatch   [R, D] rows entering the experts (after the gather; under all_to_all, the
+                 rows a shard received)
+  moe_mlpwi      [R, F] wi outputs (both branches of a gated MLP)  } compact and buffers
+  moe_act        [R, F] activation outputs                          } layouts only (experts.py)
+  moe_mlpwo      [R, D] expert output rows
+  moe_combine    [T, D] float32 weighted sum of a token's rows (under all_to_all also the
+                 returned rows' combine, moejax.moe.parallel)
+
 Legend: T tokens, D model width, E experts, K places per token, C capacity.
 """
 
@@ -18,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax import pallas
 from moejax.moe.experts import ExpertWeights, run_experts
@@ -80,9 +93,10 @@ def apply_plan(
     *,
     buffer_constraint: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
-    """Gather -> run experts -> combine: [T, D] float32 routed output of a plan."""
+    """Gather -> run experts -> combine: [T, D] float32 routed output of a plan, with the
+    checkpoint names of the module docstring."""
     ex = cfg.execution
-    rows_RxD = gather_rows(x_TxD, plan)
+    rows_RxD = checkpoint_name(gather_rows(x_TxD, plan), "moe_dispatch")
     out_RxD = run_experts(
         rows_RxD,
         experts,
@@ -92,7 +106,8 @@ def apply_plan(
         interpret=ex.gmm_interpret,
         buffer_constraint=buffer_constraint,
     )
-    return combine_rows(out_RxD, weights_TxK, plan)
+    out_RxD = checkpoint_name(out_RxD, "moe_mlpwo")
+    return checkpoint_name(combine_rows(out_RxD, weights_TxK, plan), "moe_combine")
 
 
 def dropless_ffn(

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -77,6 +78,10 @@ def make_mesh(
 ) -> jax.sharding.Mesh:
     """A ("data", "fsdp", "expert", "tensor") mesh with Auto axis types.
 
+    Devices are ordered by `jax.make_mesh`; where it cannot place an axis without splitting a
+    physical axis of the topology (fsdp=8 x expert=8 on a v5p 4x4x4 torus), by
+    `mesh_utils.create_device_mesh(..., allow_split_physical_axes=True)`.
+
     Args:
       data, fsdp, expert, tensor: axis sizes (-1 = the remaining devices, at most one axis).
       devices: devices to use; default all of `jax.devices()` (all processes).
@@ -93,7 +98,15 @@ def make_mesh(
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     # jax.make_mesh orders devices for the physical topology (ICI rings on TPU, NVLink islands
     # on GPU) so that the innermost axes, expert and tensor, get the fastest links.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # Each logical axis must be a product of whole physical axes there: an 8-way axis has
+        # no place on v5p's 4x4x4 torus. Splitting a physical axis (4 = 2 x 2, one half to each
+        # of two logical axes) places it, as a pod job must, at the cost of rings that span
+        # part of an axis.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 # Environment variables that mean "this process is one of several": SLURM, Open MPI, the
