@@ -1,6 +1,7 @@
 r"""What the real compilers make of every tuned gmm kernel config, with no accelerator present.
 
-    python benchmarks/kernels_aot.py            # writes benchmarks/results/kernels_aot.md
+    python benchmarks/kernels_aot.py               # writes benchmarks/results/kernels_aot.md
+    python benchmarks/kernels_aot.py --quantized   # rewrites only its "Quantized" section
 
 Needs the `aot` extra (libtpu, the jax CUDA plugin) and, for registers and spills, `ptxas` from
 a CUDA toolkit on PATH (the column says "-" without it). Per row of
@@ -11,7 +12,11 @@ does not see it), and whether the PTX uses wgmma, TMA (cp.async.bulk.tensor) or 
 row of `moejax.pallas.mosaic_gmm.TUNED_CONFIGS`, for v5e and v5p: the kernel's scoped VMEM and
 the module's temporaries. Both: XLA's cost-model time of the kernel against a dense matmul of
 the same FLOPs (`optimal_seconds`; XLA's estimate, not a measurement, and "n/a" when it
-is negative or absent).
+is negative or absent). The "Quantized" section compiles the quantized gmm kernels (int8
+weights + float32 scales, `moejax.pallas.QuantizedWeight`, forward and transposed, bf16 inputs,
+groups of 128 rows and per channel) beside the float kernel of the same tuned config, on H100
+and v5e: registers and spills on GPU, scoped VMEM on TPU, and on both the module's HBM
+temporaries (a full-size float copy of the weight would show there).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -185,7 +191,106 @@ def mosaic_rows() -> list[str]:
     return rows
 
 
+# Quantized kernels: (label, scale group rows or None = per channel); dtype of the inputs.
+_QUANT_SCALES = (("float", 0), ("int8, group 128", 128), ("int8, per channel", None))
+_QUANT_DTYPE = jnp.dtype(jnp.bfloat16)
+
+
+def _quant_fn(backend: str, transpose: bool, quantized: bool):
+    def fn(lhs, w, group_sizes, *scale):
+        rhs = pallas.QuantizedWeight(w, scale[0]) if quantized else w
+        return pallas.gmm(
+            lhs, rhs, group_sizes, transpose_rhs=transpose, backend=backend, interpret=False
+        )
+
+    return fn
+
+
+def _quant_structs(target: str, transpose: bool, group):
+    # The stored weight is [G, K, N] in both products; transposed, lhs is [M, N] (d_lhs).
+    lhs = (M, N) if transpose else (M, K)
+    shapes, dtypes = [lhs, (G, K, N), (G,)], [_QUANT_DTYPE, _QUANT_DTYPE, jnp.int32]
+    if group != 0:
+        dtypes[1] = jnp.int8
+        shapes.append((G, K // (group or K), N))
+        dtypes.append(jnp.float32)
+    return _structs(target, shapes, dtypes)
+
+
+def quantized_rows() -> tuple[list[str], list[str]]:
+    """(Triton rows, Mosaic rows) of the quantized kernels and their float twins."""
+    triton, mosaic = [], []
+    for kernel, transpose in (("gmm", False), ("gmm_transposed", True)):
+        for label, group in _QUANT_SCALES:
+            quantized = group != 0
+            fn_t = _quant_fn("triton", transpose, quantized)
+            target, arch = _GPUS[0]
+            name = f"{kernel}_quantized" if quantized else kernel
+            with tempfile.TemporaryDirectory() as dump:
+                try:
+                    compiled, secs = _compile(fn_t, _quant_structs(target, transpose, group), dump)
+                    ptx = _kernel_ptx(dump, name)
+                    regs, spills = _ptxas(ptx, arch) if ptx else ("?", "?")
+                    temp = compiled.memory_analysis().temp_size_in_bytes
+                    triton.append(
+                        f"| {target} | {kernel} | {label} | {regs} | {spills} | "
+                        f"{temp / 2**20:.2f} MiB | {_fmt_time(_optimal_seconds(compiled))} | "
+                        f"{secs:.1f} s |"
+                    )
+                except Exception as e:  # noqa: BLE001
+                    triton.append(f"| {target} | {kernel} | {label} | FAILS: {str(e)[:120]} |")
+            target = _TPUS[0]
+            try:
+                fn_m = _quant_fn("mosaic", transpose, quantized)
+                compiled, secs = _compile(fn_m, _quant_structs(target, transpose, group))
+                text = compiled.as_text()
+                vmem = [
+                    int(v)
+                    for v in re.findall(
+                        r'"used_scoped_memory_configs":\[\{[^]]*?"size":"(\d+)"', text
+                    )
+                ]
+                temp = compiled.memory_analysis().temp_size_in_bytes
+                mosaic.append(
+                    f"| {target} | {kernel} | {label} | "
+                    f"{max(vmem) // 1024 if vmem else '-'} KiB | {temp / 2**20:.2f} MiB | "
+                    f"{_fmt_time(_optimal_seconds(compiled))} | {secs:.1f} s |"
+                )
+            except Exception as e:  # noqa: BLE001
+                mosaic.append(f"| {target} | {kernel} | {label} | FAILS: {str(e)[:120]} |")
+    return triton, mosaic
+
+
+def quantized_section() -> list[str]:
+    triton, mosaic = quantized_rows()
+    return [
+        "## Quantized weights",
+        "",
+        f"`moejax.pallas.gmm` with a `QuantizedWeight` rhs (int8 values [G, K, N], float32 "
+        f"scales) against the float kernel, {_QUANT_DTYPE.name} inputs, the same shapes and "
+        "tuned configs (for the Triton kernel the K block, transposed the N block, shrunk to "
+        "divide the scale group). Temporaries: the module's HBM temporaries (a dequantized "
+        "copy of the [G, K, N] weight would be "
+        f"{G * K * N * _QUANT_DTYPE.itemsize / 2**20:.0f} MiB).",
+        "",
+        "| target | kernel | weight | registers | spills | temporaries | kernel time | compile |",
+        "|---|---|---|---|---|---|---|---|",
+        *triton,
+        "",
+        "| target | kernel | weight | VMEM | temporaries | kernel time | compile |",
+        "|---|---|---|---|---|---|---|",
+        *mosaic,
+        "",
+    ]
+
+
 def main() -> None:
+    if "--quantized" in sys.argv[1:]:
+        # Only the quantized section: the rest of the existing file is kept.
+        head = OUT.read_text().split("## Quantized weights")[0] if OUT.exists() else ""
+        OUT.write_text(head.rstrip("\n") + "\n\n" + "\n".join(quantized_section()))
+        print(f"wrote {OUT}")
+        return
     lines = [
         "# Tuned gmm kernels on the real compilers (deviceless)",
         "",
@@ -213,6 +318,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
         *mosaic_rows(),
         "",
+        *quantized_section(),
     ]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines))

@@ -7,6 +7,8 @@ v5p chip: gmm for the "gmm" rows, gmm with transpose_rhs for the transposed rows
 "tgmm" rows, through the public `moejax.pallas.gmm` / `tgmm` with the row's config. One module
 per target holds all its kernels (one compile); a failure recompiles each row alone to name it.
 Shapes are small but at least one tile of the largest config, so no tile is shrunk away.
+The quantized kernels (int8 weights + scales, `moejax.pallas.QuantizedWeight`) compile the same
+way, forward and transposed, for each way a scale group meets the tiles.
 Needs the `aot` extra (skipped with a reason without it).
 """
 
@@ -107,3 +109,46 @@ def test_every_tuned_config_compiles(target, backend, module, plugin):
     custom_target = "tpu_custom_call" if backend == "mosaic" else "__gpu$xla.gpu.triton"
     # Every kernel survived into the compiled module (none folded away or left to XLA).
     assert text.count(f'custom_call_target="{custom_target}"') >= len(rows)
+
+
+# (input dtype, scale group): groups smaller than the K tile (several scale rows per block),
+# larger than it (one row per block) and per channel (None).
+QUANTIZED_CASES = [(d, g) for d in (jnp.bfloat16, jnp.float32) for g in (32, 512, None)]
+
+
+@pytest.mark.parametrize(
+    "target, backend, plugin",
+    [
+        ("gpu-h100-1", "triton", "jax_cuda13_plugin"),
+        ("tpu-v5e-1", "mosaic", "libtpu"),
+        ("tpu-v5p-2", "mosaic", "libtpu"),
+    ],
+)
+def test_quantized_kernels_compile(target, backend, plugin):
+    pytest.importorskip(plugin, reason=f"needs the aot extra ({plugin})")
+    device = topology(parse_target(target)).devices[0]
+    replicated = NamedSharding(jax.sharding.Mesh(np.array([device]), ("x",)), P())
+
+    def all_kernels(*args):
+        outs, sizes = [], jnp.full((G,), M // G, jnp.int32)
+        for i in range(0, len(args), 4):
+            lhs, dy, values, scale = args[i : i + 4]
+            w = pallas.QuantizedWeight(values, scale)
+            for x, transpose in ((lhs, False), (dy, True)):
+                outs.append(
+                    pallas.gmm(
+                        x, w, sizes, transpose_rhs=transpose, backend=backend, interpret=False
+                    )
+                )
+        return outs
+
+    structs = []
+    for dtype, group in QUANTIZED_CASES:
+        shapes = [((M, K), dtype), ((M, N), dtype), ((G, K, N), jnp.int8)]
+        shapes.append(((G, K // (group or K), N), jnp.float32))
+        structs += [jax.ShapeDtypeStruct(s, d, sharding=replicated) for s, d in shapes]
+    with jax.default_matmul_precision("default"):
+        text = jax.jit(all_kernels).trace(*structs).lower().compile().as_text()
+    custom_target = "tpu_custom_call" if backend == "mosaic" else "__gpu$xla.gpu.triton"
+    assert text.count(f'custom_call_target="{custom_target}"') >= 2 * len(QUANTIZED_CASES)
+    assert "quantized" in text  # the kernels named *_quantized, not a dequantize + float kernel

@@ -27,6 +27,7 @@ from moejax.moe import (
     routed_ffn,
 )
 from moejax.moe.experts import dequantize_weight
+from moejax.pallas import QuantizedWeight
 
 # fan-in scaling per expert: the expert axis is a batch axis, not part of the fan.
 expert_kernel_init = nn.initializers.variance_scaling(
@@ -57,10 +58,17 @@ class Experts(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Callable = expert_kernel_init
 
-    def _weight(self, name: str, init, shape: tuple[int, int, int], axes) -> jax.Array:
+    def _weight(
+        self, name: str, init, shape: tuple[int, int, int], axes
+    ) -> jax.Array | QuantizedWeight:
         """One expert weight [E, K, N] in the compute dtype: a float parameter, or with
         cfg.expert_bits an int8 parameter `name` and its float32 `<name>_scale` [E, G, N]
-        (moejax.compress.quantize_experts), dequantized here."""
+        (moejax.compress.quantize_experts).
+
+        The quantized pair is returned as a `QuantizedWeight` for the local pipeline, whose
+        compact layout hands it to `moejax.pallas.gmm` (dequantized per tile, never as a whole
+        float weight) and whose other layouts dequantize it (`moejax.moe.run_experts`); the
+        expert-parallel exchange takes float weights, so it is dequantized here for that."""
         cfg = self.cfg
         if cfg.expert_bits is None:
             return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
@@ -76,6 +84,8 @@ class Experts(nn.Module):
         ones = nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
         qvalue = self.param(name, zeros, shape, jnp.int8)
         scale = self.param(f"{name}_scale", ones, (e, k // group, n), jnp.float32)
+        if cfg.execution.expert_parallel == "none":
+            return QuantizedWeight(qvalue, scale)
         return dequantize_weight(qvalue, scale).astype(self.dtype)
 
     @nn.compact

@@ -8,6 +8,12 @@ row through its expert's MLP; the grouped matmuls go through `moejax.pallas` onl
   scan over row tiles running each tile's whole MLP (the CPU path);
 - "buffers": [E, C, D] per-expert buffers -> one batched einsum per matmul.
 
+The compact and buffers layouts name the wi outputs "moe_mlpwi" and the activation "moe_act"
+(`mlp_hidden(..., name_prefix="moe")`) for the remat policies; the padded layout cannot: its
+hidden activations live inside the fused scan, whose custom VJP keeps the pre-activations as
+its own residuals, so a policy sees only the rows going in and out (named by the caller,
+`moejax.moe.pipeline.apply_plan`).
+
 Legend: R rows, D model width, F expert hidden width, E experts, C capacity.
 """
 
@@ -27,19 +33,20 @@ from moejax.moe.plans import DispatchPlan
 def dequantize_weight(qvalue_ExKxN: jax.Array, scale_ExGxN: jax.Array) -> jax.Array:
     """float32 [E, K, N] of a quantized expert weight: qvalue * scale, each scale covering
     K / G consecutive rows of the contraction axis K (G = 1: per output channel)."""
-    e, k, n = qvalue_ExKxN.shape
-    groups = scale_ExGxN.shape[1]
-    if scale_ExGxN.shape != (e, groups, n) or k % groups:
-        raise ValueError(
-            f"expert scale shape {scale_ExGxN.shape} does not fit weight {qvalue_ExKxN.shape}: "
-            "must be [E, G, N] with G dividing K"
-        )
-    q_ExGxRxN = qvalue_ExKxN.astype(jnp.float32).reshape(e, groups, k // groups, n)
-    return (q_ExGxRxN * scale_ExGxN.astype(jnp.float32)[:, :, None, :]).reshape(e, k, n)
+    return pallas.dequantize(pallas.QuantizedWeight(qvalue_ExKxN, scale_ExGxN), jnp.float32)
+
+
+def _dequantized(w: jax.Array | pallas.QuantizedWeight | None, dtype) -> jax.Array | None:
+    """A layout that cannot take quantized weights gets the whole float weight in `dtype`."""
+    return w.dequantize(dtype) if isinstance(w, pallas.QuantizedWeight) else w
 
 
 class ExpertWeights(NamedTuple):
     """The routed experts' weights, in the compute dtype (or local shards of them).
+
+    Each may instead be a `moejax.pallas.QuantizedWeight` (int8 values, float32 scales over the
+    contraction axis): the compact layout hands it to `moejax.pallas.gmm`, which dequantizes
+    per tile; the padded and buffers layouts dequantize it in full to the rows' dtype first.
 
     Attributes:
       wi_gate: [E, D, F] gate branch, None for non-gated activations.
@@ -47,9 +54,9 @@ class ExpertWeights(NamedTuple):
       wo: [E, F, D].
     """
 
-    wi_gate: jax.Array | None
-    wi_up: jax.Array
-    wo: jax.Array
+    wi_gate: jax.Array | pallas.QuantizedWeight | None
+    wi_up: jax.Array | pallas.QuantizedWeight
+    wo: jax.Array | pallas.QuantizedWeight
 
 
 def run_experts(
@@ -66,7 +73,7 @@ def run_experts(
 
     Args:
       rows_RxD: rows from `gather_rows(x, plan)`.
-      weights: the experts' weights, in rows' dtype.
+      weights: the experts' weights, in rows' dtype (or quantized, `ExpertWeights`).
       plan: the DispatchPlan (its layout picks the kernel, module docstring).
       activation: MLP type (moejax.activations).
       backend, interpret: `moejax.pallas.gmm` backend and interpret mode ("compact" layout).
@@ -76,6 +83,8 @@ def run_experts(
     Returns:
       [R, D] expert outputs; empty rows are zero.
     """
+    if plan.layout != "compact":
+        weights = ExpertWeights(*(_dequantized(w, rows_RxD.dtype) for w in weights))
     if plan.layout == "padded":
         return pallas.expert_mlp_padded(
             rows_RxD,
@@ -96,7 +105,9 @@ def run_experts(
         def batched(lhs, rhs):
             return jnp.einsum("ecd,edf->ecf", lhs, rhs)
 
-        h_ExCxF = mlp_hidden(x_ExCxD, weights.wi_gate, weights.wi_up, activation, batched)
+        h_ExCxF = mlp_hidden(
+            x_ExCxD, weights.wi_gate, weights.wi_up, activation, batched, name_prefix="moe"
+        )
         out_ExCxD = batched(h_ExCxF, weights.wo)
         if buffer_constraint is not None:
             out_ExCxD = buffer_constraint(out_ExCxD)
@@ -107,5 +118,7 @@ def run_experts(
             lhs, rhs, plan.group_sizes_E, backend=backend, config=None, interpret=interpret
         )
 
-    h_RxF = mlp_hidden(rows_RxD, weights.wi_gate, weights.wi_up, activation, grouped)
+    h_RxF = mlp_hidden(
+        rows_RxD, weights.wi_gate, weights.wi_up, activation, grouped, name_prefix="moe"
+    )
     return grouped(h_RxF, weights.wo)

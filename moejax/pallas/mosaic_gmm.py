@@ -29,6 +29,13 @@ zero rows and columns add nothing to the products. Tile sizes come from `MosaicC
 from `TUNED_CONFIGS`, and are shrunk to the problem when it is smaller or when the configured K/N
 tile would pad by more than 1/8 (`_fit_tiles`).
 
+Quantized weights (`moejax.pallas.QuantizedWeight`): the weight blocks are the stored int8
+values, and a second input brings each block's scale rows; the kernel dequantizes the block in
+VMEM (`dequantize_tile`) right before the dot, so HBM holds and moves only int8 weights. The
+tile along the stored axis 1 (tk forward, tn transposed) and the scale group fit each other
+(`_fit_scale_tile`): the tile divides the group (one scale row per block) or the group divides
+the tile (tile / group rows, broadcast by a sublane-aligned reshape).
+
 Accumulation is float32 in a VMEM scratch; inputs are float32 or bfloat16 (float32 products use
 full-precision MXU passes); the result is cast to `preferred_element_type`.
 
@@ -51,6 +58,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from moejax.pallas.backends import GmmKernels
 from moejax.pallas.metadata import make_group_metadata
+from moejax.pallas.quantized import QuantizedWeight, dequantize_tile
 from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
 _LANES = 128  # minor-dimension tile of every TPU vector register
@@ -299,13 +307,52 @@ def _precision(dtype: Any):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def _fit_scale_tile(tile: int, weight: QuantizedWeight) -> int:
+    """The tile along a quantized weight's stored axis 1 (`tile` or smaller, a multiple of 128)
+    that meets its scale groups: either the tile divides the group (one scale row per tile) or
+    the group, a multiple of 8, divides the tile (tile / group scale rows, each broadcast over
+    its rows: a sublane-aligned reshape). Per-channel scales (one row) take any tile.
+
+    Raises:
+      ValueError: no multiple of 128 up to `tile` meets the group (e.g. a group of 100 rows).
+    """
+    group = weight.group_size
+    if weight.scale.shape[1] == 1:
+        return tile
+    for candidate in range(tile, _LANES - 1, -_LANES):
+        if group % candidate == 0 or (candidate % group == 0 and group % 8 == 0):
+            return candidate
+    raise ValueError(
+        f"rhs.scale groups of {group} rows do not fit the mosaic backend: the tile along the "
+        f"weight's axis 1 (a multiple of {_LANES}) must divide the group, or the group (a "
+        f"multiple of 8) divide the tile; up to {tile} none does"
+    )
+
+
+def _scale_tiles(weight: QuantizedWeight, tile: int, a1_pad: int, a2_pad: int) -> jax.Array:
+    """The scale rows of each stored-axis-1 tile: [G, a1_pad / tile, r, a2_pad] float32.
+
+    r = tile / group when the group divides the tile (the tile's own scale rows, padded rows
+    scaled by zero), else r = 1: the one row of the group the tile lies in (a small gather:
+    a1_pad / tile rows, not the weight's size). The last two block dims (r, cols) are then a
+    whole axis and a multiple of 128, as Mosaic requires.
+    """
+    scale = weight.scale
+    group, tiles = weight.group_size, a1_pad // tile
+    if scale.shape[1] > 1 and tile % group == 0:
+        rows = _pad2(scale, a1_pad // group, a2_pad)
+        return rows.reshape(scale.shape[0], tiles, tile // group, a2_pad)
+    row_of_tile = (jnp.arange(tiles) * tile) // group
+    return _pad2(scale[:, row_of_tile, :], tiles, a2_pad)[:, :, None, :]
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("transpose_rhs", "preferred_element_type", "config", "interpret"),
 )
 def gmm_mosaic(
     lhs: jax.Array,
-    rhs: jax.Array,
+    rhs: jax.Array | QuantizedWeight,
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
@@ -317,7 +364,10 @@ def gmm_mosaic(
 
     Args:
       lhs: [M, K] float32 or bfloat16, rows grouped consecutively.
-      rhs: [G, K, N], or [G, N, K] when `transpose_rhs`, same dtype as lhs.
+      rhs: [G, K, N], or [G, N, K] when `transpose_rhs`, same dtype as lhs; or a
+        QuantizedWeight of that shape: its int8 blocks and their scale rows are fetched and
+        dequantized in VMEM before the dot (the stored-axis-1 tile fitted by
+        `_fit_scale_tile`).
       group_sizes: [G] int32, sum <= M (checked on the host by `moejax.pallas.gmm`).
       transpose_rhs: multiply by rhs[g].T (the d_lhs product of the forward gmm).
       preferred_element_type: result dtype (float32 or bfloat16); None = the input dtype.
@@ -331,8 +381,10 @@ def gmm_mosaic(
     check_config("mosaic", config, MosaicConfig)
     problem = check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type)
     m, k, n, num_groups, out_dtype = problem
+    quantized = isinstance(rhs, QuantizedWeight)
     _check_dtype("lhs", lhs.dtype)
-    _check_dtype("rhs", rhs.dtype)
+    if not quantized:
+        _check_dtype("rhs", rhs.dtype)
     _check_dtype("preferred_element_type", out_dtype)
     in_dtype = lhs.dtype
     interpret = _resolve_interpret(interpret)
@@ -342,9 +394,20 @@ def gmm_mosaic(
     product = "gmm_t" if transpose_rhs else "gmm"
     config = config or lookup_config(product, in_dtype, k, n)
     tm, tk, tn = _fit_tiles(config, m, k, n, _sublane_multiple(in_dtype, out_dtype))
+    if quantized:
+        # The tile along the stored axis 1 (K forward, N transposed) must meet the scale groups.
+        if transpose_rhs:
+            tn = _fit_scale_tile(tn, rhs)
+        else:
+            tk = _fit_scale_tile(tk, rhs)
     m_pad, k_pad, n_pad = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
     lhs_p = _pad2(lhs.astype(in_dtype), m_pad, k_pad)
-    rhs_p = _pad2(rhs.astype(in_dtype), *((n_pad, k_pad) if transpose_rhs else (k_pad, n_pad)))
+    stored_pad = (n_pad, k_pad) if transpose_rhs else (k_pad, n_pad)
+    if quantized:
+        rhs_p = _pad2(rhs.values, *stored_pad)
+        scale_p = _scale_tiles(rhs, tn if transpose_rhs else tk, *stored_pad)
+    else:
+        rhs_p = _pad2(rhs.astype(in_dtype), *stored_pad)
     tiles_k, tiles_n = k_pad // tk, n_pad // tn
 
     schedule = _make_schedule(
@@ -357,8 +420,10 @@ def gmm_mosaic(
     # before moving on; the row steps of one row tile are consecutive, so its output block
     # stays resident across the groups that share it and is written back once.
     def kernel(offsets, step_group, step_tile, fetch_tile, fetch_group, compute, num_steps,
-               lhs_ref, rhs_ref, out_ref, acc_ref):  # fmt: skip
+               lhs_ref, rhs_ref, *refs):  # fmt: skip
         del fetch_tile, fetch_group  # used by the index maps only
+        # refs: (scale_ref, out_ref, acc_ref) for a quantized rhs, else (out_ref, acc_ref).
+        *scale_ref, out_ref, acc_ref = refs
         t, k_i = pl.program_id(1), pl.program_id(2)
 
         @pl.when(k_i == 0)
@@ -368,9 +433,13 @@ def gmm_mosaic(
         @pl.when(compute[t] == 1)
         def _accumulate():
             dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+            w = rhs_ref[...]
+            if quantized:
+                # The int8 block and its [r, cols] scale rows, dequantized in VMEM.
+                w = dequantize_tile(w, scale_ref[0][...], in_dtype)
             acc_ref[...] += lax.dot_general(
                 lhs_ref[...],
-                rhs_ref[...],
+                w,
                 dims,
                 precision=precision,
                 preferred_element_type=jnp.float32,
@@ -404,26 +473,41 @@ def gmm_mosaic(
         return step_tile[t], n_i
 
     rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
-    vmem = _vmem_bytes(
-        [((tm, tk), in_dtype), (rhs_block[1:], in_dtype), ((tm, tn), out_dtype)], (tm, tn)
-    )
+    in_specs = [pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)]
+    blocks = [((tm, tk), in_dtype), (rhs_block[1:], rhs_p.dtype), ((tm, tn), out_dtype)]
+    weight_bytes = num_groups * k * n * jnp.dtype(rhs_p.dtype).itemsize
+    operands = (lhs_p, rhs_p)
+    if quantized:
+        # Scale block [r, cols] of stored-axis-1 tile i (scale_p is [G, tiles, r, cols]).
+        def scale_map(n_i, t, k_i, offs, step_group, step_tile, fetch_tile, fetch_group, comp, ns):
+            g, a1, a2 = rhs_map(n_i, t, k_i, offs, step_group, step_tile, fetch_tile, fetch_group,
+                                comp, ns)  # fmt: skip
+            return g, a1, 0, a2
+
+        scale_block = (None, None, scale_p.shape[2], rhs_block[2])
+        in_specs.append(pl.BlockSpec(scale_block, scale_map))
+        # The scale rows, and the float tile they dequantize to (one, not double-buffered).
+        blocks.append((scale_block[2:], jnp.float32))
+        weight_bytes += scale_p.size * 4
+        operands += (scale_p,)
+    vmem = _vmem_bytes(blocks, (tm, tn)) + (tk * tn * 4 if quantized else 0)
     itemsize = jnp.dtype(in_dtype).itemsize
     cost = pl.CostEstimate(
         flops=2 * m * k * n,
         transcendentals=0,
         bytes_accessed=(
             m * k * itemsize * tiles_n  # lhs re-read per n tile
-            + num_groups * k * n * itemsize  # each group's weights at least once
+            + weight_bytes  # each group's weights (and scales) at least once
             + m * n * out_dtype.itemsize
         ),
     )
     call = pl.pallas_call(
         kernel,
-        out_shape=_out_struct((m_pad, n_pad), out_dtype, lhs, rhs, group_sizes),
+        out_shape=_out_struct((m_pad, n_pad), out_dtype, lhs, *jax.tree.leaves(rhs), group_sizes),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(schedule),
             grid=(tiles_n, num_row_steps, tiles_k),
-            in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
+            in_specs=in_specs,
             out_specs=pl.BlockSpec((tm, tn), out_map),
             scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         ),
@@ -432,9 +516,9 @@ def gmm_mosaic(
         compiler_params=_compiler_params(("parallel", "arbitrary", "arbitrary"), vmem),
         interpret=interpret,
         cost_estimate=cost,
-        name=f"moejax_{product}",
+        name=f"moejax_{product}_quantized" if quantized else f"moejax_{product}",
     )
-    out_MpxNp = call(*schedule, lhs_p, rhs_p)
+    out_MpxNp = call(*schedule, *operands)
     return out_MpxNp[:m, :n]
 
 

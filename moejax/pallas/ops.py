@@ -8,6 +8,13 @@ the backward pass uses the same fast kernels:
     d_lhs = gmm(grad, rhs, transpose_rhs=not transpose_rhs)
     d_rhs = tgmm(lhs, grad)            (tgmm(grad, lhs) when rhs is stored transposed)
 
+`rhs` may be a `QuantizedWeight` (int8 values + float32 scales, moejax.pallas.quantized): every
+backend then dequantizes where it loads the weight (per tile in the Triton and Mosaic kernels,
+per group slice in XLA, the whole weight in the ragged_dot reference). The backward pass
+computes d_lhs through the same quantized kernel (transposed); the integer values get no
+gradient (a float0 zero), the float scales get theirs from the weight gradient that tgmm gives:
+d scale = sum over each scale group of values * d_rhs.
+
 Backends (rows of `moejax.pallas.backends.BACKEND_TABLE`, dispatched through it):
   "xla"        grouped scan over row tiles in plain XLA (moejax.pallas.xla_gmm), the CPU path;
   "triton"     Pallas kernels lowered through Triton (GPU), moejax.pallas.triton_gmm;
@@ -32,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.pallas.backends import BACKEND_TABLE, BACKENDS, GmmBackend, resolve_backend
+from moejax.pallas.quantized import QuantizedWeight
 from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
 __all__ = ["BACKENDS", "gmm", "resolve_backend", "tgmm"]
@@ -102,18 +110,34 @@ def _gmm_bwd(transpose_rhs, out_dtype, backend, config, interpret, res, grad_MxN
     d_lhs = _gmm_impl(
         grad_MxN, rhs, group_sizes, not transpose_rhs, lhs.dtype, backend, config, interpret
     )
+    quantized = isinstance(rhs, QuantizedWeight)
     num_groups = rhs.shape[0]
+    # The weight's gradient in its stored layout; float32 for a quantized weight (it only feeds
+    # the scales' gradient).
+    d_rhs_dtype = jnp.float32 if quantized else rhs.dtype
     if transpose_rhs:
         # rhs is [G, N, K]: its gradient is grad[rows_g].T @ lhs[rows_g].
         d_rhs = _tgmm_impl(
-            grad_MxN, lhs, group_sizes, num_groups, rhs.dtype, backend, config, interpret
+            grad_MxN, lhs, group_sizes, num_groups, d_rhs_dtype, backend, config, interpret
         )
     else:
         d_rhs = _tgmm_impl(
-            lhs, grad_MxN, group_sizes, num_groups, rhs.dtype, backend, config, interpret
+            lhs, grad_MxN, group_sizes, num_groups, d_rhs_dtype, backend, config, interpret
         )
-    # Integer group sizes have no tangent space; None is the custom_vjp spelling of "no grad".
+    if quantized:
+        d_rhs = QuantizedWeight(None, _scale_grad(rhs, d_rhs))
+    # Integer group sizes (and quantized values) have no tangent space; None is the custom_vjp
+    # spelling of "no grad".
     return d_lhs, d_rhs, None
+
+
+def _scale_grad(weight: QuantizedWeight, d_w: jax.Array) -> jax.Array:
+    """d scale [G, S, A2] from the dequantized weight's gradient [G, A1, A2]: w = values * scale
+    over each group of A1 / S rows, so d scale = sum over the group of values * d w."""
+    g, a1, a2 = weight.shape
+    s = weight.scale.shape[1]
+    prod = (weight.values.astype(jnp.float32) * d_w).reshape(g, s, a1 // s, a2)
+    return prod.sum(axis=2).astype(weight.scale.dtype)
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -121,7 +145,7 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 def gmm(
     lhs: jax.Array,
-    rhs: jax.Array,
+    rhs: jax.Array | QuantizedWeight,
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
@@ -134,7 +158,10 @@ def gmm(
 
     Args:
       lhs: [M, K] float, rows grouped consecutively by `group_sizes`.
-      rhs: [G, K, N], or [G, N, K] when `transpose_rhs` (same dtype as lhs).
+      rhs: [G, K, N], or [G, N, K] when `transpose_rhs` (same dtype as lhs); or a
+        `QuantizedWeight` of that shape (int8 values, float32 scales grouped along the stored
+        axis 1), dequantized to lhs.dtype tile by tile (its values get no gradient, its
+        scales do).
       group_sizes: [G] integer, non-negative, sum <= M.
       transpose_rhs: contract lhs with rhs's last axis (rhs[g].T is used).
       preferred_element_type: result dtype; None = lhs.dtype. Accumulation is float32.

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from moejax.pallas.backends import GmmKernels
+from moejax.pallas.quantized import QuantizedWeight, dequantize
 from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
 
 def gmm_ragged_dot(
     lhs: jax.Array,
-    rhs: jax.Array,
+    rhs: jax.Array | QuantizedWeight,
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
@@ -29,11 +30,16 @@ def gmm_ragged_dot(
 ) -> jax.Array:
     """jax.lax.ragged_dot(lhs, rhs) with rhs [G, K, N] (or [G, N, K] with transpose_rhs).
 
-    `interpret` is ignored (no Pallas kernel). Returns [M, N], zeros past sum(group_sizes).
+    `interpret` is ignored (no Pallas kernel). A QuantizedWeight rhs is dequantized in full to
+    lhs.dtype first. Returns [M, N], zeros past sum(group_sizes).
     """
     del interpret
     check_config("ragged_dot", config, None)
     problem = check_gmm_args(lhs, rhs, group_sizes, transpose_rhs, preferred_element_type)
+    if isinstance(rhs, QuantizedWeight):
+        # The reference: the whole float weight, as the layer built it before gmm took
+        # quantized weights.
+        rhs = dequantize(rhs, lhs.dtype)
     rhs_GxKxN = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     return jax.lax.ragged_dot(lhs, rhs_GxKxN, group_sizes, preferred_element_type=problem.out_dtype)
 

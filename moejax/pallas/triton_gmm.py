@@ -20,6 +20,12 @@ each program loops over the row tiles of its group (a dynamic trip count: the gr
 range from the same shared metadata) and accumulates lhs_tile.T @ grad_tile under the group's
 row mask. An empty group runs zero iterations and stores zeros.
 
+Quantized weights (`moejax.pallas.QuantizedWeight`: int8 values, float32 scales grouped along
+the stored axis 1): gmm loads the int8 tile and its scale row and dequantizes it in registers
+before the dot, so no float copy of the weight exists in memory. The block along the stored
+axis 1 (block_k forward, block_n transposed) divides the scale group (`quantized_config`), so
+each tile has exactly one scale row: a [1, bn] (or [1, bk]) load broadcast over the tile.
+
 Both accumulate in float32 and cast to `preferred_element_type` when storing. Partial tiles at
 the edges of M, K and N are handled with load/store masks (loads fill zeros), so no operand is
 padded in memory. Block sizes, warps and stages come from `TritonConfig`, looked up in
@@ -41,6 +47,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from moejax.pallas.backends import GmmKernels
 from moejax.pallas.metadata import make_group_metadata
+from moejax.pallas.quantized import QuantizedWeight, dequantize_tile
 from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
 # Shared memory per SM usable by one block on the GPUs this table targets (H100/H200: 227 KiB).
@@ -198,8 +205,19 @@ def work_list(group_sizes: jax.Array, num_rows: int, block_m: int, num_k_steps: 
 
 
 def _gmm_kernel(
-    work_ref, lhs_ref, rhs_ref, out_ref, *, cfg: TritonConfig, k: int, n: int, transpose_rhs: bool
+    work_ref,
+    lhs_ref,
+    rhs_ref,
+    *refs,
+    cfg: TritonConfig,
+    k: int,
+    n: int,
+    transpose_rhs: bool,
+    scale_group: int | None,
 ):
+    # refs: (scale_ref, out_ref) for a quantized rhs (scale_group = its rows per scale row),
+    # else (out_ref,).
+    *scale_ref, out_ref = refs
     bm, bk, bn = cfg.block_m, cfg.block_k, cfg.block_n
     w = pl.program_id(0)
     j = pl.program_id(1)
@@ -228,8 +246,16 @@ def _gmm_kernel(
             w_bnxbk = plgpu.load(
                 rhs_ref.at[group, pl.ds(j * bn, bn), pl.ds(step * bk, bk)],
                 mask=col_mask_bn[:, None] & k_mask_bk[None, :],
-                other=0.0,
+                other=0,
             )
+            if scale_group is not None:
+                # The stored rows of this tile (output columns j*bn ...) share one scale row.
+                s_1xbk = plgpu.load(
+                    scale_ref[0].at[group, pl.ds((j * bn) // scale_group, 1), pl.ds(step * bk, bk)],
+                    mask=k_mask_bk[None, :],
+                    other=0.0,
+                )
+                w_bnxbk = dequantize_tile(w_bnxbk, s_1xbk, x_bmxbk.dtype)
             prod = jax.lax.dot_general(
                 x_bmxbk, w_bnxbk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )
@@ -237,8 +263,16 @@ def _gmm_kernel(
             w_bkxbn = plgpu.load(
                 rhs_ref.at[group, pl.ds(step * bk, bk), pl.ds(j * bn, bn)],
                 mask=k_mask_bk[:, None] & col_mask_bn[None, :],
-                other=0.0,
+                other=0,
             )
+            if scale_group is not None:
+                # The K rows of this step lie in one scale group (block_k divides the group).
+                s_1xbn = plgpu.load(
+                    scale_ref[0].at[group, pl.ds((step * bk) // scale_group, 1), pl.ds(j * bn, bn)],
+                    mask=col_mask_bn[None, :],
+                    other=0.0,
+                )
+                w_bkxbn = dequantize_tile(w_bkxbn, s_1xbn, x_bmxbk.dtype)
             prod = jnp.dot(x_bmxbk, w_bkxbn, preferred_element_type=jnp.float32)
         return acc_bmxbn + prod
 
@@ -252,12 +286,39 @@ def _gmm_kernel(
     )
 
 
+def quantized_config(
+    cfg: TritonConfig, weight: QuantizedWeight, transpose_rhs: bool
+) -> TritonConfig:
+    """`cfg` with the block along the weight's stored axis 1 (block_k for gmm, block_n for the
+    transposed product) dividing the scale group, so that each tile multiplies by one scale row.
+
+    The block is halved until it divides the group (a power of two, so the group must be a
+    multiple of 16); with one scale row for the whole axis (per channel) any block works.
+
+    Raises:
+      ValueError: the group has no power-of-two divisor >= 16.
+    """
+    if weight.scale.shape[1] == 1:
+        return cfg
+    name = "block_n" if transpose_rhs else "block_k"
+    group, block = weight.group_size, getattr(cfg, name)
+    while block > 16 and group % block:
+        block //= 2
+    if group % block:
+        raise ValueError(
+            f"rhs.scale groups of {group} rows do not fit the triton backend: TritonConfig."
+            f"{name} (a power of two >= 16) must divide the group size; use a group size that "
+            "is a multiple of 16, or per-channel scales"
+        )
+    return dataclasses.replace(cfg, **{name: block})
+
+
 @functools.partial(
     jax.jit, static_argnames=("transpose_rhs", "preferred_element_type", "config", "interpret")
 )
 def gmm_triton(
     lhs: jax.Array,
-    rhs: jax.Array,
+    rhs: jax.Array | QuantizedWeight,
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
@@ -269,11 +330,13 @@ def gmm_triton(
 
     Args:
       lhs: [M, K].
-      rhs: [G, K, N], or [G, N, K] with transpose_rhs.
+      rhs: [G, K, N], or [G, N, K] with transpose_rhs; or a QuantizedWeight of that shape,
+        whose int8 tile and scale row the kernel loads and dequantizes before the dot.
       group_sizes: [G] int32, sum <= M (checked on the host by `moejax.pallas.gmm`).
       transpose_rhs: contract with rhs's last axis.
       preferred_element_type: result dtype; None = lhs.dtype.
-      config: tiling; None = `default_config` for this problem.
+      config: tiling; None = `default_config` for this problem. For a quantized rhs the block
+        along its stored axis 1 is shrunk to divide the scale group (`quantized_config`).
       interpret: run in the Pallas interpreter (CPU) instead of lowering to Triton.
 
     Returns:
@@ -286,17 +349,28 @@ def gmm_triton(
         return jnp.zeros((p.m, p.n), p.out_dtype)
     kernel_name = "gmm_transposed" if transpose_rhs else "gmm"
     cfg = config or default_config(kernel_name, p.m, p.k, p.n, p.num_groups, lhs.dtype)
+    operands, scale_group = (rhs,), None
+    if isinstance(rhs, QuantizedWeight):
+        operands, scale_group = tuple(rhs), rhs.group_size
+        cfg = quantized_config(cfg, rhs, transpose_rhs)
     work_W5 = work_list(group_sizes, p.m, cfg.block_m, pl.cdiv(p.k, cfg.block_k))
     grid = (work_W5.shape[1], pl.cdiv(p.n, cfg.block_n))
-    kernel = functools.partial(_gmm_kernel, cfg=cfg, k=p.k, n=p.n, transpose_rhs=transpose_rhs)
+    kernel = functools.partial(
+        _gmm_kernel,
+        cfg=cfg,
+        k=p.k,
+        n=p.n,
+        transpose_rhs=transpose_rhs,
+        scale_group=scale_group,
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((p.m, p.n), p.out_dtype),
         grid=grid,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=kernel_name,
-    )(work_W5, lhs, rhs)
+        name=f"{kernel_name}_quantized" if scale_group else kernel_name,
+    )(work_W5, lhs, *operands)
 
 
 def _tgmm_kernel(meta_ref, lhs_ref, grad_ref, out_ref, *, cfg: TritonConfig, k: int, n: int):

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.pallas.quantized import QuantizedWeight
+
 
 class Problem(NamedTuple):
     """Sizes of one grouped product and its result dtype.
@@ -84,19 +86,57 @@ def out_dtype(in_dtype: Any, preferred_element_type: Any) -> jnp.dtype:
     return jnp.dtype(preferred_element_type)
 
 
+def check_quantized(weight: QuantizedWeight, name: str = "rhs") -> None:
+    """`weight` is a QuantizedWeight: values [G, A1, A2] int8, scale [G, A1 / group, A2] float32
+    with at least one scale row and the group dividing A1."""
+    values, scale = weight
+    for field, x in (("values", values), ("scale", scale)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise ValueError(f"{name}.{field} must be an array, got {type(x).__name__}")
+    if values.ndim != 3:
+        raise ValueError(
+            f"{name}.values must have rank 3 [G, A1, A2], got shape {tuple(values.shape)}"
+        )
+    if values.dtype != jnp.int8:
+        raise ValueError(
+            f"{name}.values must be int8 (int4 values stored as int8), got {values.dtype}"
+        )
+    if scale.dtype != jnp.float32:
+        raise ValueError(f"{name}.scale must be float32, got {scale.dtype}")
+    g, a1, a2 = values.shape
+    if (
+        scale.ndim != 3
+        or (scale.shape[0], scale.shape[2]) != (g, a2)
+        or scale.shape[1] < 1
+        or a1 % scale.shape[1]
+    ):
+        raise ValueError(
+            f"{name}.scale must have shape [G, A1 / group, A2] with the group dividing "
+            f"A1={a1} (values {tuple(values.shape)}), got {tuple(scale.shape)}"
+        )
+
+
 def check_gmm_args(
     lhs: jax.Array,
-    rhs: jax.Array,
+    rhs: jax.Array | QuantizedWeight,
     group_sizes: jax.Array,
     transpose_rhs: bool,
     preferred_element_type: Any,
 ) -> Problem:
     """Validates gmm's operands: lhs [M, K], rhs [G, K, N] ([G, N, K] transposed), sizes [G].
 
+    A `QuantizedWeight` rhs is checked by `check_quantized` and then stands for a weight of its
+    values' shape in lhs's dtype.
+
     Returns:
       The problem's sizes and result dtype.
     """
     layout = "[G, N, K]" if transpose_rhs else "[G, K, N]"
+    if isinstance(rhs, QuantizedWeight):
+        check_quantized(rhs, "rhs")
+        if lhs.ndim == 2 and not jnp.issubdtype(lhs.dtype, jnp.floating):
+            raise ValueError(f"lhs must be a floating-point array, got lhs.dtype={lhs.dtype}")
+        rhs = jax.ShapeDtypeStruct(rhs.values.shape, lhs.dtype)
     _check_operands(lhs, "rhs", rhs, layout)
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
     if rhs.shape[k_axis] != lhs.shape[1]:

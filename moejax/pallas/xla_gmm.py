@@ -5,7 +5,9 @@ FLOPs). Here the rows are laid out so that every group starts on a row-tile boun
 layout": group g occupies ceil(s_g / tile_m) whole tiles, the tail of its last tile is zeros),
 and a `lax.scan` over the tiles multiplies each tile by its own group's weight only. The cost is
 the real FLOPs plus at most one partial tile per group, plus two row gathers (in and out of the
-padded layout). Tiles past the last used one are skipped with `lax.cond`.
+padded layout). Tiles past the last used one are skipped with `lax.cond`. A quantized rhs
+(`moejax.pallas.QuantizedWeight`) is dequantized inside the scan, one tile's group slice at a
+time, so no [G, K, N] float weight is built.
 
 The padded layout is the shared group-tile work list (`moejax.pallas.metadata`) of the group
 sizes rounded up to whole tiles. The functions are plain (no custom_vjp): `moejax.pallas.ops`
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from moejax.pallas.backends import GmmKernels
 from moejax.pallas.metadata import make_group_metadata
+from moejax.pallas.quantized import QuantizedWeight, dequantize_tile
 from moejax.pallas.validation import Problem, check_config, check_gmm_args, check_tgmm_args
 
 
@@ -145,7 +148,7 @@ def _zeros_varying_like(shape, dtype, *like: jax.Array) -> jax.Array:
 
 def gmm_padded(
     lhs_PxK: jax.Array,
-    rhs: jax.Array,
+    rhs: jax.Array | QuantizedWeight,
     tile_group_Tp: jax.Array,
     num_used_tiles: jax.Array,
     *,
@@ -157,7 +160,8 @@ def gmm_padded(
 
     Args:
       lhs_PxK: [P, K] rows in the padded layout (P = T_p * tile_m).
-      rhs: [G, K, N], or [G, N, K] when transpose_rhs.
+      rhs: [G, K, N], or [G, N, K] when transpose_rhs; or a QuantizedWeight of that shape,
+        whose group slice is dequantized (to lhs's dtype) by each tile that uses it.
       tile_group_Tp: [T_p] int32 group of each tile.
       num_used_tiles: scalar; tiles at and past it are skipped and give zeros.
       transpose_rhs: contract with rhs's last axis instead of its middle one.
@@ -167,7 +171,8 @@ def gmm_padded(
     Returns:
       [P, N] in the padded layout.
     """
-    rhs = jnp.asarray(rhs)
+    quantized = isinstance(rhs, QuantizedWeight)
+    rhs = rhs if quantized else jnp.asarray(rhs)
     num_tiles = tile_group_Tp.shape[0]
     k = lhs_PxK.shape[1]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -176,8 +181,15 @@ def gmm_padded(
     # contraction, so the cast happens once per output element.
     acc_dtype = jnp.promote_types(preferred_element_type, jnp.float32)
 
+    def group_weight(g):
+        if not quantized:
+            return jax.lax.dynamic_index_in_dim(rhs, g, keepdims=False)
+        # Only this tile's group is dequantized (K x N, against tile_m x K x N multiply-adds).
+        values_g, scale_g = (jax.lax.dynamic_index_in_dim(a, g, keepdims=False) for a in rhs)
+        return dequantize_tile(values_g, scale_g, lhs_PxK.dtype)
+
     def tile_matmul(lhs_txK, g):
-        rhs_g = jax.lax.dynamic_index_in_dim(rhs, g, keepdims=False)
+        rhs_g = group_weight(g)
         out = jax.lax.dot_general(lhs_txK, rhs_g, contract, preferred_element_type=acc_dtype)
         return out.astype(preferred_element_type)
 
@@ -186,7 +198,9 @@ def gmm_padded(
         out = jax.lax.cond(
             t < num_used_tiles,
             tile_matmul,
-            lambda *_: _zeros_varying_like((tile_m, n), preferred_element_type, lhs_PxK, rhs),
+            lambda *_: _zeros_varying_like(
+                (tile_m, n), preferred_element_type, lhs_PxK, *jax.tree.leaves(rhs)
+            ),
             lhs_txK,
             g,
         )
@@ -211,7 +225,7 @@ def _layout(
 
 def gmm_xla(
     lhs: jax.Array,
-    rhs: jax.Array,
+    rhs: jax.Array | QuantizedWeight,
     group_sizes: jax.Array,
     *,
     transpose_rhs: bool = False,
@@ -223,7 +237,7 @@ def gmm_xla(
 
     Args:
       lhs: [M, K], rows grouped consecutively by `group_sizes`.
-      rhs: [G, K, N], or [G, N, K] with transpose_rhs.
+      rhs: [G, K, N], or [G, N, K] with transpose_rhs; or a QuantizedWeight (`gmm_padded`).
       group_sizes: [G] int32, sum <= M.
       transpose_rhs: use rhs[g].T.
       preferred_element_type: result dtype; None = lhs.dtype.
