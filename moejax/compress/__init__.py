@@ -8,6 +8,13 @@
 Pure functions over a model's config and variables (scanned or unrolled layers, trained here or
 imported with moejax.hf.from_hf); each returns a new (model_cfg, variables) with N experts per
 MoE layer (quantize_experts: the same experts, stored as int8/int4 values and scales).
+
+On a training run's checkpoint, `python -m moejax.compress --workdir=DIR --out=DIR2` does the
+same in stages (`--experts=N --method=merge|prune`, then `--bits=8|4 [--group_size=G]
+[--policy=uniform|mixed]`, either or both) and writes DIR2 as a run that `python -m
+moejax.train` evaluates, trains on (a quantized model with its integer expert values and their
+scales frozen: `moejax.train.state.frozen_params`) and exports (`moejax.hf.to_hf` writes
+quantized experts dequantized); see moejax/compress/__main__.py.
 """
 
 from moejax.compress.merge import (

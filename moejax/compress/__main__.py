@@ -3,24 +3,43 @@
     python -m moejax.compress --workdir=runs/tiny --out=runs/tiny_e4 --experts=4 --method=merge
     python -m moejax.compress --workdir=runs/tiny --out=runs/tiny_p4 --experts=4 \
         --method=prune --score=output_norm
+    python -m moejax.compress --workdir=runs/tiny --out=runs/tiny_q8 --bits=8
+    python -m moejax.compress --workdir=runs/tiny --out=runs/tiny_p4q4 --experts=4 \
+        --method=prune --bits=4 --group_size=32 --policy=mixed
 
 Reads the latest checkpoint of --workdir (its config comes from the checkpoint), gathers routing
 statistics (`moejax.compress.routing_stats`) on --calib_batches batches of the run's validation
-split (or of its training split), merges (MC-SMoE) or prunes every MoE layer to --experts
-experts, and writes --out as a run directory whose step-0 checkpoint holds the compressed
-parameters with a fresh optimizer, plus `config.py` / `config.json` describing the smaller
-model. Continue training (recovery fine-tuning) with
+split (or of its training split), then in stages:
+
+  --experts=N --method=merge|prune   merges (MC-SMoE) or prunes every MoE layer to N experts;
+  --bits=8|4 [--group_size=G] [--policy=uniform|mixed]
+                                     quantizes the (compressed) routed experts
+                                     (`moejax.compress.quantize_experts`: int8/int4 values, a
+                                     float32 scale per channel or per G contraction rows;
+                                     "mixed" keeps the --keep_fraction most used experts of
+                                     each layer, by the routing statistics of the model being
+                                     quantized, at 8 bits).
+
+Either stage alone, or both (compress, then quantize). Writes --out as a run directory whose
+step-0 checkpoint holds the result with a fresh optimizer, plus `config.py` / `config.json`
+describing the new model (moe.num_experts, moe.expert_bits, moe.expert_group_size) and
+`compress.json` (the table below, as data). Continue training (recovery fine-tuning) with
 
     python -m moejax.train --config=<out>/config.py --workdir=<out> --config.train.steps=100
 
-and export with `moejax.hf.to_hf` as any moejax model. Prints the validation loss (the run's
-own evaluation batches), parameter counts and sizes before and after. An invalid argument or
-config stops with a one-line message naming it (exit code 2).
+(a quantized model trains with its integer expert values and their scales frozen, everything
+else as usual: `moejax.train.state.frozen_params`), and export with `--config.train.export_hf`
+or `moejax.hf.to_hf` as any moejax model (quantized experts are written dequantized). Prints a
+table with one column per stage: experts, parameter counts and bytes, the routed experts'
+bytes (`expert_nbytes`: 4-bit values at half a byte, plus the scales) and the validation loss
+(the run's own evaluation batches). An invalid argument or config stops with a one-line
+message naming it (exit code 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +51,9 @@ import numpy as np
 from moejax import sharding
 from moejax.compress.merge import merge_experts
 from moejax.compress.prune import PRUNE_SCORES, prune_experts
+from moejax.compress.quantize import QUANT_POLICIES, expert_nbytes, quantize_experts
 from moejax.compress.stats import routing_stats
+from moejax.layers.config import EXPERT_BITS
 from moejax.train import data as data_lib
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.state import TrainState, count_params
@@ -45,7 +66,8 @@ CALIB_SPLITS = ("val", "train")
 
 _CONFIG_PY = '''"""The config of a run written by `python -m moejax.compress` (from {source}).
 
-Loads config.json beside this file; any field can be overridden on the command line.
+Loads config.json beside this file; any field can be overridden on the command line (None
+fields are typed again: moejax.train.config_defaults.saved_config).
 """
 
 import json
@@ -53,10 +75,12 @@ import pathlib
 
 import ml_collections
 
+from moejax.train.config_defaults import saved_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     path = pathlib.Path(__file__).with_name("config.json")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return saved_config(json.loads(path.read_text()))
 '''
 
 
@@ -122,41 +146,131 @@ def _nbytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def _check_args(experts, method, score, bits, group_size, policy, keep_fraction) -> None:
+    """ValueError naming the flag for a bad value or combination (before any work)."""
+    if bits is None:
+        for flag, value, default in (
+            ("--group_size", group_size, None),
+            ("--policy", policy, "uniform"),
+            ("--keep_fraction", keep_fraction, 0.25),
+        ):
+            if value != default:
+                raise ValueError(f"{flag}={value!r} needs --bits (8 or 4): it sets how to quantize")
+    if experts is None and bits is None:
+        raise ValueError(
+            "--experts or --bits is required: --experts=N --method=merge|prune compresses, "
+            f"--bits={'|'.join(map(str, EXPERT_BITS))} quantizes, both do one then the other"
+        )
+    if experts is not None and method is None:
+        raise ValueError(f"--experts={experts} needs --method: allowed values are {METHODS}")
+    if experts is None and method is not None:
+        raise ValueError(f"--method={method!r} needs --experts=N (experts per MoE layer after)")
+    if method is not None and method not in METHODS:
+        raise ValueError(f"--method={method!r} is invalid: allowed values are {METHODS}")
+    if method == "prune" and score not in PRUNE_SCORES:
+        raise ValueError(f"--score={score!r} is invalid: allowed values are {PRUNE_SCORES}")
+    if bits is None:
+        return
+    if bits not in EXPERT_BITS:
+        raise ValueError(f"--bits={bits!r} is invalid: allowed values are {EXPERT_BITS}")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"--group_size={group_size!r} is invalid: must be an integer >= 1")
+    if policy not in QUANT_POLICIES:
+        raise ValueError(f"--policy={policy!r} is invalid: allowed values are {QUANT_POLICIES}")
+    if policy == "mixed" and bits == 8:
+        raise ValueError(
+            "--policy='mixed' keeps the most used experts at 8 bits and the rest at --bits: "
+            "it needs --bits=4"
+        )
+    if not (isinstance(keep_fraction, int | float) and 0.0 <= keep_fraction <= 1.0):
+        raise ValueError(f"--keep_fraction={keep_fraction!r} is invalid: must be in [0, 1]")
+
+
+def _check_source(workdir, model_cfg, group_size) -> None:
+    """ValueError naming the flag: a source these stages cannot take."""
+    moe = model_cfg.moe
+    if moe is None:
+        raise ValueError(f"--workdir={workdir}: the run's model is dense (config moe=None)")
+    if moe.expert_bits is not None:
+        raise ValueError(
+            f"--workdir={workdir}: the run's experts are already quantized "
+            f"(moe.expert_bits={moe.expert_bits}); compress a run with float experts"
+        )
+    if group_size is not None and (model_cfg.d_model % group_size or moe.d_ff % group_size):
+        raise ValueError(
+            f"--group_size={group_size} is invalid: must divide the experts' contraction sizes "
+            f"model.d_model={model_cfg.d_model} and moe.d_ff={moe.d_ff}"
+        )
+
+
+def _stage(name: str, model_cfg, state: TrainState, variables, loss: float) -> dict[str, Any]:
+    """One column of the table: what the model is after a stage."""
+    total, active = count_params(state.params, model_cfg)
+    return {
+        "stage": name,
+        "experts": model_cfg.moe.num_experts,
+        "params_total": total,
+        "params_active": active,
+        "param_bytes": _nbytes(state.params),
+        "expert_bytes": expert_nbytes(model_cfg, variables),
+        "val_loss": loss,
+    }
+
+
+def _quant_name(bits: int, group_size: int | None, policy: str, keep_fraction: float) -> str:
+    scales = "per channel" if group_size is None else f"groups of {group_size}"
+    if policy == "mixed":
+        return f"int{bits}, {keep_fraction:.0%} most used at int8, {scales}"
+    return f"int{bits}, {scales}"
+
+
 def compress_run(
     workdir: str | Path,
     out: str | Path,
     *,
-    experts: int,
-    method: str,
+    experts: int | None = None,
+    method: str | None = None,
     score: str = "frequency",
+    bits: int | None = None,
+    group_size: int | None = None,
+    policy: str = "uniform",
+    keep_fraction: float = 0.25,
     calib_batches: int = 8,
     calib_split: str = "val",
     step: int | None = None,
 ) -> dict[str, Any]:
-    """Compresses the run in `workdir` into a new run directory `out` (module docstring).
+    """Compresses and/or quantizes the run in `workdir` into a new run directory `out`
+    (module docstring).
 
     Args:
-      workdir: the source run directory (with checkpoints/).
+      workdir: the source run directory (with checkpoints/); its experts must be float.
       out: the new run directory; must not hold a checkpoint already.
-      experts: experts per MoE layer after compression.
-      method: "merge" (MC-SMoE, `merge_experts`) or "prune" (`prune_experts`).
+      experts: experts per MoE layer after merging/pruning; None = no such stage.
+      method: "merge" (MC-SMoE, `merge_experts`) or "prune" (`prune_experts`); with experts.
       score: the pruning score (method="prune"): "frequency", "output_norm" or "similarity".
+      bits: quantize the experts to 8 or 4 bits (`quantize_experts`) after the merge/prune
+        stage, if any; None = no quantization.
+      group_size: quantization: contraction rows per scale (dividing d_model and moe.d_ff);
+        None = one scale per output channel.
+      policy: quantization: "uniform", or "mixed" (bits=4, the most used experts at 8 bits,
+        by routing statistics of the model being quantized).
+      keep_fraction: policy="mixed": the share of each layer's experts kept at 8 bits.
       calib_batches: batches (of train.batch_size sequences) the routing statistics see.
       calib_split: "val" (the run's validation split) or "train".
       step: the source checkpoint's step; None = the latest.
 
     Returns:
-      Summary: steps, expert counts, parameter counts and bytes, validation losses before and
-      after, and the paths written.
+      Summary: "stages", one dict per table column (stage name, experts, parameter counts and
+      bytes, expert bytes, validation loss), the same figures as (before, after the last
+      stage) tuples, and the paths written.
 
     Raises:
-      ValueError naming the argument: an unknown method, score or split, a bad expert count
-      (from the compress functions), a missing source checkpoint or an existing target one.
+      ValueError naming the argument (as its flag): an unknown method, score, split, bit width
+      or policy, a bad combination (--method without --experts, --group_size without --bits,
+      ...), a bad expert count or group size, a quantized or dense source, a missing source
+      checkpoint or an existing target one.
     """
-    if method not in METHODS:
-        raise ValueError(f"--method={method!r} is invalid: allowed values are {METHODS}")
-    if method == "prune" and score not in PRUNE_SCORES:
-        raise ValueError(f"--score={score!r} is invalid: allowed values are {PRUNE_SCORES}")
+    _check_args(experts, method, score, bits, group_size, policy, keep_fraction)
     if calib_split not in CALIB_SPLITS:
         raise ValueError(f"--calib_split={calib_split!r} is invalid: allowed {CALIB_SPLITS}")
     if not isinstance(calib_batches, int) or calib_batches < 1:
@@ -170,6 +284,7 @@ def compress_run(
     mesh = sharding.make_mesh(data=-1)
     config, state, setup, src_step = load_run(workdir, mesh, step)
     model_cfg = setup.model_cfg
+    _check_source(workdir, model_cfg, group_size)
     t = config.train
     corpus, eval_set, calib = run_data(config, setup, calib_batches, calib_split)
 
@@ -177,23 +292,48 @@ def compress_run(
     if state.moe_state:
         variables["moe_state"] = state.moe_state
     variables = jax.device_get(variables)
-    stats = routing_stats(model_cfg, variables, calib)
-    if method == "merge":
-        new_cfg, new_vars = merge_experts(model_cfg, variables, stats, experts)
-    else:
-        new_cfg, new_vars = prune_experts(model_cfg, variables, stats, experts, score=score)
-
+    stages = [_stage("before", model_cfg, state, variables, evaluate(setup, state, eval_set))]
     new_config = ml_collections.ConfigDict(config.to_dict())
-    new_config.moe.num_experts = new_cfg.moe.num_experts
-    if validate_config(new_config) != new_cfg:
-        raise ValueError(
-            "the compressed model is not described by the run's config with "
-            f"moe.num_experts={new_cfg.moe.num_experts}; cannot write it as a run"
-        )
-    new_state, new_setup = compressed_state(new_config, mesh, new_vars)
+    new_cfg, new_vars, new_state = model_cfg, variables, state
+    stats = None
+    methods = []
 
-    loss_before = evaluate(setup, state, eval_set)
-    loss_after = evaluate(new_setup, new_state, eval_set)
+    def as_run(cfg, variables, what: str):
+        """(TrainState, StateSetup) of new_config's model holding `variables` (that model's)."""
+        if validate_config(new_config) != cfg:
+            raise ValueError(
+                f"the {what} model is not described by the run's config with moe.num_experts="
+                f"{cfg.moe.num_experts}, moe.expert_bits={cfg.moe.expert_bits}; cannot write it "
+                "as a run"
+            )
+        return compressed_state(new_config, mesh, variables)
+
+    if experts is not None:
+        stats = routing_stats(new_cfg, new_vars, calib)
+        if method == "merge":
+            new_cfg, new_vars = merge_experts(new_cfg, new_vars, stats, experts)
+        else:
+            new_cfg, new_vars = prune_experts(new_cfg, new_vars, stats, experts, score=score)
+        name = method if method == "merge" else f"prune ({score})"
+        new_config.moe.num_experts = new_cfg.moe.num_experts
+        new_state, new_setup = as_run(new_cfg, new_vars, "compressed")
+        loss = evaluate(new_setup, new_state, eval_set)
+        stages.append(_stage(name, new_cfg, new_state, new_vars, loss))
+        methods.append(name)
+        stats = None  # the statistics of the experts that are no longer there
+    if bits is not None:
+        if policy == "mixed":
+            stats = routing_stats(new_cfg, new_vars, calib)
+        new_cfg, new_vars = quantize_experts(
+            new_cfg, new_vars, bits, group_size, policy, stats=stats, keep_fraction=keep_fraction
+        )
+        name = _quant_name(bits, group_size, policy, keep_fraction)
+        new_config.moe.expert_bits = bits
+        new_config.moe.expert_group_size = group_size
+        new_state, new_setup = as_run(new_cfg, new_vars, "quantized")
+        loss = evaluate(new_setup, new_state, eval_set)
+        stages.append(_stage(name, new_cfg, new_state, new_vars, loss))
+        methods.append(name)
 
     out.mkdir(parents=True, exist_ok=True)
     config_json = new_config.to_json_best_effort(indent=1)
@@ -209,38 +349,46 @@ def compress_run(
     finally:
         ckpt.close()
 
-    total_before, active_before = count_params(state.params, model_cfg)
-    total_after, active_after = count_params(new_state.params, new_cfg)
-    return {
+    summary = {
         "source": str(Path(workdir).absolute()),
         "source_step": src_step,
         "out": str(out.absolute()),
-        "method": method if method == "merge" else f"prune ({score})",
+        "method": ", then ".join(methods),
         "calibration": f"{len(calib)} {calib_split} batches of {t.batch_size}x{t.seq_len}",
-        "experts": (model_cfg.moe.num_experts, new_cfg.moe.num_experts),
-        "params_total": (total_before, total_after),
-        "params_active": (active_before, active_after),
-        "param_bytes": (_nbytes(state.params), _nbytes(new_state.params)),
-        "val_loss": (loss_before, loss_after),
+        "stages": stages,
     }
+    for key in ("experts", "params_total", "params_active", "param_bytes", "expert_bytes"):
+        summary[key] = (stages[0][key], stages[-1][key])
+    summary["val_loss"] = (stages[0]["val_loss"], stages[-1]["val_loss"])
+    (out / "compress.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+_ROWS = (
+    ("experts per MoE layer", "{}", "experts"),
+    ("parameters (total)", "{:,}", "params_total"),
+    ("parameters (active per token)", "{:,}", "params_active"),
+    ("parameter bytes (as stored)", "{:,}", "param_bytes"),
+    ("routed expert bytes", "{:,}", "expert_bytes"),
+    ("validation loss (nats/token)", "{:.4f}", "val_loss"),
+)
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    rows = [
-        ("experts per MoE layer", "{}", s["experts"]),
-        ("parameters (total)", "{:,}", s["params_total"]),
-        ("parameters (active per token)", "{:,}", s["params_active"]),
-        ("parameter bytes", "{:,}", s["param_bytes"]),
-        ("validation loss (nats/token)", "{:.4f}", s["val_loss"]),
-    ]
+    stages = s["stages"]
     lines = [
         f"{s['source']} step {s['source_step']} -> {s['out']} step 0",
-        f"method {s['method']}; calibration on {s['calibration']}",
+        f"{s['method']}; calibration on {s['calibration']}",
         "",
-        "| | before | after |",
-        "|---|---|---|",
+        "| | "
+        + " | ".join(
+            st["stage"] if i == 0 else f"after {st['stage']}" for i, st in enumerate(stages)
+        )
+        + " |",
+        "|---" * (len(stages) + 1) + "|",
     ]
-    lines += [f"| {name} | {fmt.format(a)} | {fmt.format(b)} |" for name, fmt, (a, b) in rows]
+    for name, fmt, key in _ROWS:
+        lines.append(f"| {name} | " + " | ".join(fmt.format(st[key]) for st in stages) + " |")
     lines += [
         "",
         f"continue training: python -m moejax.train --config={s['out']}/config.py "
@@ -249,17 +397,27 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line naming the flag, exit code 2, as every other invalid argument here.
+        self.exit(2, f"error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m moejax.compress",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workdir", required=True, help="the run to compress (with checkpoints/)")
     p.add_argument("--out", required=True, help="the new run directory")
-    p.add_argument("--experts", type=int, required=True, help="experts per MoE layer after")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--experts", type=int, default=None, help="experts per MoE layer after")
+    p.add_argument("--method", default=None, choices=METHODS, help="with --experts")
     p.add_argument("--score", default="frequency", choices=PRUNE_SCORES, help="for prune")
+    p.add_argument("--bits", type=int, default=None, choices=EXPERT_BITS, help="quantize experts")
+    p.add_argument("--group_size", type=int, default=None, help="rows per scale (--bits)")
+    p.add_argument("--policy", default="uniform", choices=QUANT_POLICIES, help="for --bits")
+    p.add_argument("--keep_fraction", type=float, default=0.25, help="--policy=mixed: at int8")
     p.add_argument("--calib_batches", type=int, default=8, help="calibration batches")
     p.add_argument("--calib_split", default="val", choices=CALIB_SPLITS)
     p.add_argument("--step", type=int, default=None, help="source step (default: latest)")
@@ -271,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
             experts=args.experts,
             method=args.method,
             score=args.score,
+            bits=args.bits,
+            group_size=args.group_size,
+            policy=args.policy,
+            keep_fraction=args.keep_fraction,
             calib_batches=args.calib_batches,
             calib_split=args.calib_split,
             step=args.step,

@@ -16,6 +16,7 @@ or `--config.moe.shared_d_ff=256` still type-check.
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -171,6 +172,31 @@ def base_config(
     config.train = train_section()
     config.init = init_section()
     return config
+
+
+def saved_config(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A saved config (a checkpoint's or a run's config.json, as a dict) as a ConfigDict whose
+    None fields are typed placeholders again where `base_config`'s sections type them, so
+    command-line overrides such as `--config.train.export_hf=DIR` work on it (JSON keeps the
+    None, not the type). Every other value is kept as saved.
+    """
+    config = ml_collections.ConfigDict(dict(values))
+    _retype(config, base_config(model_section(), moe_section()))
+    return config
+
+
+def _retype(config: ml_collections.ConfigDict, template: ml_collections.ConfigDict) -> None:
+    for key in list(config.keys()):
+        if key not in template:
+            continue
+        value, like = config[key], template[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            if isinstance(like, ml_collections.ConfigDict):
+                _retype(value, like)
+        elif value is None and not isinstance(like, ml_collections.ConfigDict):
+            kind = template.get_type(key)
+            if kind is not type(None):
+                config[key] = placeholder(kind)
 
 
 def at_scale(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

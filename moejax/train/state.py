@@ -3,7 +3,9 @@
 `TrainState` is a plain pytree (flax.struct dataclass): everything a run needs to continue
 bit-for-bit after a restart lives in it (plus the data iterator state, kept by the checkpoint).
 The aux-loss-free balancing bias (`moe_state`) sits beside the parameters, not among them: the
-optimizer never sees it.
+optimizer never sees it. Frozen parameters (`frozen_params`: a quantized model's integer expert
+values and their scales) stay among them but the optimizer leaves them as they are and keeps no
+state for them.
 """
 
 from __future__ import annotations
@@ -67,8 +69,79 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def _dict_keys(path: tuple) -> tuple[str, ...]:
+    # The parameter names along a path; flax's metadata boxes add non-dict keys (".value").
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def frozen_params(params: Any) -> Any:
+    """Bool tree over `params` (boxed or not): True for what training leaves as it is.
+
+    Integer parameters cannot take a gradient step: they are quantized expert values
+    (`moejax.compress.quantize_experts`, int8 `<name>` with a float32 `<name>_scale` beside
+    it). Both the values and their scales are frozen, so the quantization grid stays the one
+    the model was calibrated with; every other parameter trains.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    ints = {_dict_keys(p) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.integer)}
+
+    def frozen(path, x) -> bool:
+        del x
+        names = _dict_keys(path)
+        if names in ints or not names or not names[-1].endswith("_scale"):
+            return names in ints
+        return (*names[:-1], names[-1].removesuffix("_scale")) in ints
+
+    return jax.tree_util.tree_map_with_path(frozen, params)
+
+
+def _is_masked_box(x: Any) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata) and isinstance(x.unbox(), optax.MaskedNode)
+
+
+def with_frozen_params(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` on the trainable parameters; `frozen_params` get zero updates and no state.
+
+    With frozen parameters the state is `optax.partition`'s: `tx`'s state over the trainable
+    leaves only (optax.MaskedNode at the frozen ones) and an empty `set_to_zero` state. The
+    labels come from the params (update needs them, as AdamW does), not from the updates.
+    Without frozen parameters this is `tx` itself: the same state, so checkpoints of float
+    models restore as before.
+    """
+
+    def partitioned(params):
+        frozen = frozen_params(params)
+        if not any(jax.tree.leaves(frozen)):
+            return None
+        labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+        return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def init(params):
+        split = partitioned(params)
+        if split is None:
+            return tx.init(params)
+        # Masking keeps flax's axis-metadata boxes of boxed params around the MaskedNodes; a
+        # box around nothing has nothing to shard (moejax.sharding.logical_shardings).
+        return jax.tree.map(
+            lambda x: x.unbox() if _is_masked_box(x) else x,
+            split.init(params),
+            is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+        )
+
+    def update(updates, state, params=None):
+        if params is None:
+            if isinstance(state, optax.PartitionState):
+                raise ValueError("params is required: the frozen parameters are found from them")
+            return tx.update(updates, state)
+        split = partitioned(params)
+        return (tx if split is None else split).update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> optax.GradientTransformation:
-    """Gradient clipping by global norm, then AdamW with warmup + cosine decay.
+    """Gradient clipping by global norm, then AdamW with warmup + cosine decay, on every
+    parameter but the frozen ones (`frozen_params`, `with_frozen_params`).
 
     Args:
       opt: the config's `opt` section (lr, warmup_steps, decay_steps, end_lr_ratio, b1, b2,
@@ -88,7 +161,7 @@ def make_optimizer(opt: Mapping[str, Any], total_steps: int) -> optax.GradientTr
             mask=_decay_mask,
         )
     )
-    return optax.chain(*chain)
+    return with_frozen_params(optax.chain(*chain))
 
 
 @dataclasses.dataclass(frozen=True)

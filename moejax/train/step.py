@@ -8,7 +8,9 @@ Per step:
   loss = mean next-token cross-entropy (nats per token; per byte for byte-level data)
          + aux["aux_loss"] (already weighted by the MoE config's coefficients);
   gradients averaged over `microbatches` equal slices of the batch (gradient accumulation);
-  clip + AdamW (the optimizer chain);
+  clip + AdamW (the optimizer chain) on every parameter but the frozen ones
+  (`moejax.train.state.frozen_params`: a quantized model's integer expert values and their
+  scales), whose gradients are zeros and which stay as they are;
   the aux-loss-free expert bias moves toward balance from this step's observed expert load
   (`moejax.layers.router.update_expert_bias`), outside the optimizer;
   a non-finite loss or gradient leaves params, optimizer and bias untouched and counts the step
@@ -32,7 +34,7 @@ import optax
 from moejax.layers import ModelConfig, Transformer
 from moejax.layers.router import set_router_temperature, update_expert_bias
 from moejax.moe.routing import router_spec
-from moejax.train.state import StateSetup, TrainState
+from moejax.train.state import StateSetup, TrainState, frozen_params
 
 # Aux scalars averaged into the metrics (the model's aux dict, see moejax.layers.Transformer).
 _AUX_SCALARS = (
@@ -137,6 +139,22 @@ def _forward(
     return loss, (metrics, mutated.get("moe_stats", {}))
 
 
+def _value_and_grad(model: Transformer):
+    """value_and_grad of `_forward` w.r.t. the params, with the frozen parameters' gradients
+    zeros of their own dtype: integer leaves differentiate to float0 (`allow_int`), and a
+    frozen scale's gradient must not count in the gradient norm or the clip."""
+    grad_fn = jax.value_and_grad(functools.partial(_forward, model), has_aux=True, allow_int=True)
+
+    def fn(params, *args):
+        out, grads = grad_fn(params, *args)
+        grads = jax.tree.map(
+            lambda g, p, f: jnp.zeros_like(p) if f else g, grads, params, frozen_params(params)
+        )
+        return out, grads
+
+    return fn
+
+
 @dataclasses.dataclass(frozen=True)
 class BiasUpdate:
     """The aux-loss-free expert-bias update of a model: rate, rule and step-size schedule."""
@@ -210,7 +228,7 @@ def train_step(
             f"train.microbatches={microbatches} is invalid: must divide the batch size {batch}"
         )
     rng, step_rng = jax.random.split(state.rng)
-    grad_fn = jax.value_and_grad(functools.partial(_forward, model), has_aux=True)
+    grad_fn = _value_and_grad(model)
 
     if microbatches == 1:
         (_, (metrics, moe_stats)), grads = grad_fn(
