@@ -20,6 +20,19 @@ by the logical rules, XLA's SPMD partitioner choosing the collectives), with rou
 that a few experts take most tokens. The all_to_all send-buffer bound is --ep-capacity-factor;
 the dropped fraction it caused is reported. Results: a table on stdout and
 benchmarks/results/ep.{md,json}.
+
+    python benchmarks/ep.py --deviceless                     # gpu-h100-8, tpu-v5p-16 (aot extra)
+
+The ragged exchange (ep_exchange="ragged", `jax.lax.ragged_all_to_all`) does not run on CPU, so
+it is compared with the fixed buffers from deviceless compiles instead (no accelerator, no
+times): the MoE layer's fwd+bwd (E16 top-2 D1024 F1024, 1024 bf16 tokens per device, expert=8)
+for each target, exchange and ep_capacity_factor. Per device and step: the token collectives'
+buffer bytes read off the optimized HLO (all-to-all operands; for ragged-all-to-all the data
+operand, the most it can send, which for the way back is the R-row receive buffer), the bytes
+the ragged exchange actually moves when every kept row crosses (4 x A x D x 2 bytes: there and
+back, forward and backward; A = tokens x top-k rows, the same for any routing when nothing is
+dropped), and the compiler's temporaries (`memory_analysis`). Results: benchmarks/results/
+ep.deviceless.md.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -44,10 +58,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from moejax.layers import MoE, MoEConfig, MoEExecution  # noqa: E402
-from moejax.sharding import logical_shardings, make_mesh, sharding_context  # noqa: E402
+from moejax.sharding import logical_shardings, make_mesh, sharding_context, unbox  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+COLLECTIVES = (
+    "all-to-all",
+    "ragged-all-to-all",
+    "all-gather",
+    "reduce-scatter",
+    "all-reduce",
+    "collective-permute",
+)
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 MESHES = {"data2_exp4": dict(data=2, expert=4), "exp8": dict(data=1, expert=8)}
 # name -> (MoEExecution.expert_parallel, other MoEExecution fields; ep_capacity_factor "arg" =
@@ -88,7 +109,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         sizes[name] = _type_bytes(type_str)
         kind = opcode.removesuffix("-start")
         if kind in out and not opcode.endswith("-done"):
-            for op in re.findall(r"%([\w.\-]+)", operands):
+            names = re.findall(r"%([\w.\-]+)", operands)
+            # ragged-all-to-all(data, output, offsets and sizes...): only `data` is sent, and
+            # at most all of it.
+            for op in names[:1] if kind == "ragged-all-to-all" else names:
                 out[kind] += sizes.get(op, 0)
     return out
 
@@ -144,8 +168,107 @@ def build(strategy: str, mesh, args):
     return run, comm, aux
 
 
+# Deviceless comparison: (exchange, ep_capacity_factor) per row.
+DEVICELESS_CASES = (("fixed", 2.0), ("fixed", None), ("ragged", 2.0), ("ragged", None))
+DL_E, DL_K, DL_D, DL_F, DL_TOKENS = 16, 2, 1024, 1024, 1024
+
+
+def deviceless_compile(
+    target_name: str,
+    exchange: str,
+    factor: float | None,
+    *,
+    experts: int = DL_E,
+    top_k: int = DL_K,
+    d_model: int = DL_D,
+    d_ff: int = DL_F,
+    tokens_per_device: int = DL_TOKENS,
+):
+    """The MoE layer's fwd+bwd (grads of params and input) compiled for `target_name` on a
+    mesh of its devices all on "expert", all_to_all with `exchange`; needs the `aot` extra.
+
+    Returns:
+      The jax Compiled (as_text, memory_analysis).
+    """
+    import ml_collections
+
+    from moejax.compile.report import target_mesh
+    from moejax.compile.targets import parse_target
+
+    target = parse_target(target_name)
+    axes = ml_collections.ConfigDict(dict(data=1, fsdp=1, expert=-1, tensor=1))
+    mesh = target_mesh(target, axes)
+    cfg = MoEConfig(
+        num_experts=experts,
+        top_k=top_k,
+        d_ff=d_ff,
+        execution=MoEExecution(
+            expert_parallel="all_to_all",
+            ep_exchange=exchange,
+            ep_capacity_factor=factor,
+            gmm_backend="mosaic" if target.platform == "tpu" else "xla",
+            gmm_interpret=False,
+        ),
+    )
+    model = MoE(cfg, d_model=d_model, dtype=jnp.bfloat16)
+    tokens = tokens_per_device * target.num_devices
+    seq = 64
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert"))
+    x = jax.ShapeDtypeStruct((tokens // seq, seq, d_model), jnp.bfloat16, sharding=batch)
+
+    def loss(params, x):
+        y, aux = model.apply({"params": params}, x)
+        return jnp.sum(y.astype(jnp.float32) ** 2) + aux["aux_loss"]
+
+    with sharding_context(mesh), jax.default_matmul_precision("default"):
+        # Inputs made inside the traced init: every array in it then belongs to the mesh.
+        abstract = jax.eval_shape(
+            lambda key: model.init(key, jnp.zeros(x.shape, x.dtype)),
+            jax.ShapeDtypeStruct((2,), jnp.uint32),
+        )
+        shardings = logical_shardings(abstract, mesh)["params"]
+        params = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            unbox(abstract)["params"],
+            shardings,
+        )
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).trace(params, x).lower().compile()
+
+
+def deviceless_main(args):
+    lines = [
+        f"MoE layer fwd+bwd, E{DL_E} top-{DL_K} D{DL_D} F{DL_F}, {DL_TOKENS} bf16 tokens per "
+        "device, all devices on expert; deviceless compiles (HLO buffer sizes and the "
+        "compiler's temporaries; no times)",
+        "",
+        "| target | exchange | ep_capacity_factor | token buffers sent MiB/device (HLO) | "
+        "moved when all rows cross MiB | temporaries MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    moved = 4 * DL_TOKENS * DL_K * DL_D * 2
+    for target in args.targets.split(","):
+        for exchange, factor in DEVICELESS_CASES:
+            compiled = deviceless_compile(target, exchange, factor)
+            comm = collective_bytes(compiled.as_text())
+            sent = comm["ragged-all-to-all"] if exchange == "ragged" else comm["all-to-all"]
+            actual = moved if exchange == "ragged" else sent
+            temp = compiled.memory_analysis().temp_size_in_bytes
+            lines.append(
+                f"| {target} | {exchange} | {factor} | {sent / 2**20:.2f} | "
+                f"{actual / 2**20:.2f} | {temp / 2**20:.1f} |"
+            )
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(exist_ok=True)
+    command = f"Command: {' '.join(sys.orig_argv)}"
+    (RESULTS / "ep.deviceless.md").write_text(table + "\n\n" + command + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--deviceless", action="store_true", help="ragged vs fixed, compiled only")
+    p.add_argument("--targets", default="gpu-h100-8,tpu-v5p-16")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=512)
@@ -155,6 +278,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     args = p.parse_args()
+    if args.deviceless:
+        deviceless_main(args)
+        return
 
     rows = []
     for mesh_name, mesh_kw in MESHES.items():
@@ -207,8 +333,6 @@ def main():
 
 
 def _argv() -> str:
-    import sys
-
     return " ".join(sys.argv[1:])
 
 

@@ -14,7 +14,9 @@ counts only the grouped matmuls among them (Pallas kernels, the XLA gmm's tile l
 all_to_all asynchronous by default; libtpu only with `--xla_tpu_enable_async_all_to_all=true`
 in LIBTPU_INIT_ARGS (read once per process, so it is one run each way). Expert matmuls: Triton
 kernels do not yet compile inside an expert-parallel shard_map for GPU (see README), so the GPU
-rows use the XLA grouped matmul; TPU rows use the Mosaic kernel.
+rows use the XLA grouped matmul; TPU rows use the Mosaic kernel. The exchange is the fixed
+one (ep_exchange="fixed": the buffers whose overlap this measures; "auto" is the ragged
+exchange on these targets).
 Results: a table on stdout and benchmarks/results/ep_overlap.md (appended per run).
 """
 
@@ -63,6 +65,7 @@ def compiled_text(target_name: str, chunks: int, tokens_per_device: int = TOKENS
         d_ff=F,
         execution=MoEExecution(
             expert_parallel="all_to_all",
+            ep_exchange="fixed",
             ep_capacity_factor=None,
             ep_chunks=chunks,
             gmm_backend=backend,

@@ -93,6 +93,7 @@ EXECUTION_VALUES = {
     "expert_parallel": ("all_gather", "all_to_all"),
     "ep_capacity_factor": (3.0, 4.0),
     "ep_chunks": (2, 4),
+    "ep_exchange": ("fixed", "ragged"),
 }
 
 

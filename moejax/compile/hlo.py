@@ -33,6 +33,7 @@ COLLECTIVE_KINDS = (
     "all-reduce",
     "reduce-scatter",
     "all-to-all",
+    "ragged-all-to-all",
     "collective-permute",
 )
 # Ops that move no data of their own (or whose cost is counted in the computations they call).
@@ -218,6 +219,10 @@ def _conv_flops(instr: _Instr, operands: list[str]) -> int:
 
 
 def _collective_bytes(instr: _Instr, operands: list[str]) -> int:
+    if instr.op.removesuffix("-start") == "ragged-all-to-all":
+        # (data, output, offsets and sizes): the most it can send is all of `data`; how much
+        # it does depends on the sizes at run time.
+        return _array_bytes(operands[0])
     sent = sum(_array_bytes(t) for t in operands)
     received = _array_bytes(instr.result)
     if instr.op.endswith("-start"):  # the result tuple repeats the operand buffers

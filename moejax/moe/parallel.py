@@ -22,6 +22,19 @@ Strategies (MoEConfig.execution.expert_parallel):
   exchanged, computed and returned on its own (S sized for the chunk): the chunks do not depend
   on each other, so the compiler may run one chunk's all_to_all while another's grouped matmul
   runs (the overlap of Tutel and Comet). Equal to one chunk whenever no buffer overflows.
+  The exchange itself (MoEExecution.ep_exchange) is "fixed" (the buffers above) or "ragged":
+  each shard sorts its kept assignments by expert (so by destination, and by local expert
+  within one), all-gathers its per-expert counts (ep x E ints, as MaxText does: every shard
+  then derives every pair's offsets, no second round trip) and one `jax.lax.ragged_all_to_all`
+  sends each destination exactly its rows, into a receive buffer of the same R = ep * S rows
+  as the fixed path's; the owner reads its rows' local experts off the gathered counts, runs
+  them as one grouped matmul, and a second ragged_all_to_all returns them. Traffic is the
+  rows routed, not ep * S per source, and the send side needs A rows, not ep * S. The R rows
+  are shared by the sources: a destination keeps rows in source order until R are filled, so
+  with ep_capacity_factor=None (S = the worst case) nothing can be dropped, and with a factor
+  a destination drops only what exceeds R in all (never more than the fixed path, which drops
+  per source past S); the dropped rows are counted the same way. "auto" = ragged where XLA
+  implements ragged-all-to-all (TPU, GPU: the mesh's devices decide), fixed on CPU.
 - "all_gather": tokens and routing are all-gathered over "expert", each shard computes its own
   experts' contributions for every gathered token (dropless), and a psum_scatter returns each
   token's sum to its shard. Exact, no bound, ep x the token traffic.
@@ -53,6 +66,7 @@ from typing import TYPE_CHECKING
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from moejax.moe.experts import ExpertWeights
@@ -73,6 +87,58 @@ if TYPE_CHECKING:
 EXPERT_AXIS = "expert"
 TENSOR_AXIS = "tensor"
 STRATEGIES = ("all_to_all", "all_gather")
+EXCHANGES = ("auto", "fixed", "ragged")
+# Platforms (jax Device.platform) whose XLA backend implements ragged-all-to-all; XLA:CPU does
+# not ("HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter").
+RAGGED_PLATFORMS = ("tpu", "gpu")
+
+
+def mesh_platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> str:
+    """The platform of `mesh`'s devices ("cpu", "gpu", "tpu"); a deviceless compile's mesh of
+    topology devices names its target's. An abstract mesh without devices: the default
+    backend's."""
+    if isinstance(mesh, jax.sharding.Mesh):
+        return mesh.devices.flat[0].platform
+    device = getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_exchange(name: str, platform: str) -> str:
+    """The all_to_all exchange "fixed" or "ragged" for MoEExecution.ep_exchange=`name` on
+    `platform`: "auto" is ragged on RAGGED_PLATFORMS, fixed elsewhere.
+
+    Raises:
+      ValueError: an unknown name, or "ragged" on a platform without ragged-all-to-all.
+    """
+    if name not in EXCHANGES:
+        raise ValueError(
+            f"MoEExecution.ep_exchange={name!r} is invalid: allowed values are "
+            f"{', '.join(map(repr, EXCHANGES))}"
+        )
+    if name == "auto":
+        return "ragged" if platform in RAGGED_PLATFORMS else "fixed"
+    if name == "ragged" and platform not in RAGGED_PLATFORMS:
+        raise ValueError(
+            f"MoEExecution.ep_exchange='ragged' needs jax.lax.ragged_all_to_all, which XLA "
+            f"implements on {' and '.join(RAGGED_PLATFORMS)} only, not on this mesh's platform "
+            f"{platform!r}: use 'fixed' (or 'auto', which picks it there)"
+        )
+    return name
+
+
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes):
+    """The ragged exchange's one collective, over the expert axis: `jax.lax.ragged_all_to_all`
+    with one slice per destination (offsets and sizes [ep]). Kept to this function so that a
+    test on CPU, where XLA does not implement it, can put an emulation in its place."""
+    return jax.lax.ragged_all_to_all(
+        operand,
+        output,
+        input_offsets,
+        send_sizes,
+        output_offsets,
+        recv_sizes,
+        axis_name=EXPERT_AXIS,
+    )
 
 
 def send_buffer_rows(
@@ -139,6 +205,65 @@ def _all_to_all_body(x_TxD, idx_TxK, w_TxK, *weights, cfg, ep, s_rows, vary_axes
         out_RxD.astype(x_TxD.dtype).reshape(ep, s_rows, d), EXPERT_AXIS, 0, 0
     )
     y_TxD = combine_rows(back_ExSxD.reshape(num_rows, d), w_TxK, send)
+    # The block's combined output, named like the local pipeline's (moejax.moe.pipeline).
+    y_TxD = checkpoint_name(y_TxD, "moe_combine")
+    if tensor_split:
+        y_TxD = jax.lax.psum(y_TxD, TENSOR_AXIS)
+    return y_TxD, overflow
+
+
+def _exclusive_cumsum(x, axis):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _ragged_body(x_TxD, idx_TxK, w_TxK, *weights, cfg, ep, s_rows, vary_axes, tensor_split):
+    """Per-shard ragged all_to_all dispatch (module docstring). Returns (y_TxD f32, overflow)."""
+    x_TxD, idx_TxK, w_TxK, *weights = _vary((x_TxD, idx_TxK, w_TxK, *weights), vary_axes)
+    local = ExpertWeights(*weights)
+    t, d = x_TxD.shape
+    num_local = local.wi_up.shape[0]
+    num_rows = ep * s_rows
+    # Rows sorted by expert: destination d's rows are the contiguous block of experts
+    # [d*E_loc, (d+1)*E_loc), sorted by local expert inside it. Sentinels sort last, unsent.
+    send = make_plan("dropless", idx_TxK, cfg.num_experts, tile_m=None)
+    me = jax.lax.axis_index(EXPERT_AXIS)
+    # counts[s, d, e]: rows shard s has for local expert e of destination d (all shards agree).
+    counts_SxDxL = jax.lax.all_gather(send.group_sizes_E.reshape(ep, num_local), EXPERT_AXIS)
+    pair_SxD = counts_SxDxL.sum(axis=2)
+    # Destination d fills its R rows in source order: source s writes at the rows sent to d
+    # by the sources before it, as many as still fit.
+    before_SxD = _exclusive_cumsum(pair_SxD, axis=0)
+    kept_SxD = jnp.clip(num_rows - before_SxD, 0, pair_SxD)
+    out_off_SxD = jnp.minimum(before_SxD, num_rows)
+    # Source s's block for destination d starts after its blocks for destinations before d.
+    in_off_SxD = _exclusive_cumsum(pair_SxD, axis=1)
+    overflow = pair_SxD[me].sum() - kept_SxD[me].sum()
+
+    send_AxD = gather_rows(x_TxD, send)
+    recv_RxD, zeros_AxD = _vary(
+        (jnp.zeros((num_rows, d), x_TxD.dtype), jnp.zeros_like(send_AxD)), vary_axes
+    )
+    offsets = _vary((in_off_SxD[me], kept_SxD[me], out_off_SxD[me], kept_SxD[:, me]), vary_axes)
+    recv_RxD = ragged_all_to_all(send_AxD, recv_RxD, *offsets)
+    # Received rows come as blocks (source s, local expert e) in that order, each of its
+    # count cut to what source s was allowed to send: the local expert of row r is the block
+    # r falls in; rows past all blocks are empty (the sentinel).
+    counts_SxL = counts_SxDxL[:, me, :]
+    block_SxL = jnp.clip(kept_SxD[:, me, None] - _exclusive_cumsum(counts_SxL, 1), 0, counts_SxL)
+    ends_B = jnp.cumsum(block_SxL.reshape(-1))
+    block_R = jnp.searchsorted(ends_B, jnp.arange(num_rows, dtype=jnp.int32), side="right")
+    local_R = jnp.where(block_R < ep * num_local, block_R % num_local, num_local)
+    ones_Rx1, local_Rx1 = _vary(
+        (jnp.ones((num_rows, 1), jnp.float32), local_R[:, None].astype(jnp.int32)), vary_axes
+    )
+    out_RxD = dropless_ffn(recv_RxD, ones_Rx1, local_Rx1, local, cfg)
+    # The way back: this shard returns source s's rows to where they left, in the compute dtype.
+    offsets = _vary(
+        (out_off_SxD[:, me], kept_SxD[:, me], in_off_SxD[:, me], kept_SxD[me]), vary_axes
+    )
+    back_AxD = ragged_all_to_all(out_RxD.astype(x_TxD.dtype), zeros_AxD, *offsets)
+    # Rows not sent (over R) come back as zeros: those assignments contribute nothing.
+    y_TxD = checkpoint_name(combine_rows(back_AxD, w_TxK, send), "moe_combine")
     if tensor_split:
         y_TxD = jax.lax.psum(y_TxD, TENSOR_AXIS)
     return y_TxD, overflow
@@ -247,7 +372,7 @@ def expert_parallel_ffn(
       routing: the router's decision (any router of moejax.moe.routing.ROUTERS).
       experts: the experts' weights in the compute dtype (global, logically sharded).
       cfg: num_experts, activation, dispatch, drop_policy, execution (strategy,
-        ep_capacity_factor, gmm backend).
+        ep_capacity_factor, ep_chunks, ep_exchange, gmm backend).
       capacity: per-expert slots for capacity dispatch and expert choice.
       mesh: mesh to shard over; None = the context mesh (`jax.set_mesh` / sharding_context).
       key: PRNG key of drop_policy="random" (training only).
@@ -258,7 +383,8 @@ def expert_parallel_ffn(
       fraction of all places (0 when the buffer bound holds, always 0 for all_gather).
 
     Raises:
-      ValueError: unknown strategy, or num_experts not divisible by the expert-axis size.
+      ValueError: unknown strategy, num_experts not divisible by the expert-axis size, or
+        ep_exchange="ragged" on a platform without ragged-all-to-all (CPU).
     """
     strategy = cfg.execution.expert_parallel
     if strategy not in STRATEGIES:
@@ -298,10 +424,11 @@ def expert_parallel_ffn(
         # A token sends at most min(K, E_loc) of its picks to one destination (distinct experts).
         worst = t_chunk * min(k, cfg.num_experts // ep)
         s_rows = send_buffer_rows(t_chunk * per_token, worst, ep, cfg.execution.ep_capacity_factor)
+        exchange = resolve_exchange(cfg.execution.ep_exchange, mesh_platform(mesh))
         body = functools.partial(
             _chunked,
             functools.partial(
-                _all_to_all_body,
+                _ragged_body if exchange == "ragged" else _all_to_all_body,
                 cfg=cfg,
                 ep=ep,
                 s_rows=s_rows,
