@@ -1,7 +1,7 @@
 """Shrinking a trained MoE by half its experts: pruning and merging from router statistics.
 
-    python benchmarks/compression.py                  # trains the 16-expert tiny model (500 steps)
-    python benchmarks/compression.py --steps 100      # quick look
+    python benchmarks/compress_experts.py    # trains the 16-expert tiny model (500 steps)
+    python benchmarks/compress_experts.py --steps 100    # quick look
 
 Trains configs/tiny.py with 16 experts (expert width 128, top-2) on the embedded corpus into
 --workdir (resumed, or only evaluated, when it already holds the run), gathers routing
@@ -26,7 +26,7 @@ width plus the scales), the validation cross-entropy on the run's own evaluation
 per byte) and its change from the uncompressed model, right after compression and after
 --finetune_steps steps of recovery fine-tuning (AdamW, lr 1e-3, 10 warmup steps, the run's
 training data; quantized rows are not fine-tuned). Results: a table on stdout and
-benchmarks/results/compression.{md,json}.
+benchmarks/results/compress_experts.{md,json}.
 """
 
 from __future__ import annotations
@@ -38,10 +38,6 @@ import pathlib
 import sys
 import time
 
-# Python puts this script's folder first on sys.path, where this file would stand for the
-# `compression` module (Python 3.14's stdlib) that jax tries to import: drop the folder.
-_HERE = pathlib.Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _HERE]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -208,9 +204,9 @@ def main():
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    command = "python benchmarks/compression.py " + " ".join(sys.argv[1:])
-    (RESULTS / "compression.md").write_text(table + "\n\nCommand: " + command.rstrip() + "\n")
-    (RESULTS / "compression.json").write_text(
+    command = "python benchmarks/compress_experts.py " + " ".join(sys.argv[1:])
+    (RESULTS / "compress_experts.md").write_text(table + "\n\nCommand: " + command.rstrip() + "\n")
+    (RESULTS / "compress_experts.json").write_text(
         json.dumps({"config": vars(args), "step": step, "rows": rows}, indent=2)
     )
 
