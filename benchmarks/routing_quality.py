@@ -3,6 +3,7 @@
     python benchmarks/routing_quality.py                    # 500 steps per row (tiny.py's)
     python benchmarks/routing_quality.py --steps 200        # quicker, noisier
     python benchmarks/routing_quality.py --rows top2,adamoe # some rows only
+    python benchmarks/routing_quality.py --seed 1           # another init and data order
 
 Every row trains configs/tiny.py's model (the same data order, seed, optimizer and steps) with
 one routing change, in this process, one after the other, and reports:
@@ -16,7 +17,9 @@ one routing change, in this process, one after the other, and reports:
                   experts/token x 3 matmuls x 2 x D x F x layers (the dense row: its FFN);
   vs top-2        that, relative to the top-2 row;
   wall s          training wall time (CPU, shared machine: compare within one run only).
-Results: a table on stdout and benchmarks/results/routing_quality.{md,json}.
+Results: a table on stdout and benchmarks/results/routing_quality.{md,json}; with --seed N
+(N != 0: parameter init, per-step rng and data shuffle seeds, alike for every row)
+benchmarks/results/routing_quality_seedN.{md,json}.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ ROWS = {
     "top2": ("top-2 (tiny.py)", _row()),
     "adamoe": ("AdaMoE: top-2 + 4 null experts", _row(num_null_experts=4)),
     "top_p": ("top-p, p=0.4, max_k=4", _row(router="top_p", top_p=0.4, max_k=4)),
+    "adamoe_k3n8": ("AdaMoE: top-3 + 8 null experts", _row(top_k=3, num_null_experts=8)),
+    "adamoe_k4n12": ("AdaMoE: top-4 + 12 null experts", _row(top_k=4, num_null_experts=12)),
+    "adamoe_k4n16": ("AdaMoE: top-4 + 16 null experts", _row(top_k=4, num_null_experts=16)),
+    "adamoe_k4n20": ("AdaMoE: top-4 + 20 null experts", _row(top_k=4, num_null_experts=20)),
+    "top_p05": ("top-p, p=0.5, max_k=4", _row(router="top_p", top_p=0.5, max_k=4)),
+    "top_p06": ("top-p, p=0.6, max_k=4", _row(router="top_p", top_p=0.6, max_k=4)),
     "expert_choice": ("expert choice, C = T*2/E", _row(router="expert_choice")),
     "round_up": (
         "top-2, token rounding up (tile 128)",
@@ -76,9 +85,16 @@ ROWS = {
 }
 
 
-def run_row(name: str, steps: int, workdir: pathlib.Path) -> dict:
+def results_stem(seed: int) -> str:
+    """The results file name (no suffix) of a seed: seed 0 is the reference table."""
+    return "routing_quality" if seed == 0 else f"routing_quality_seed{seed}"
+
+
+def run_row(name: str, steps: int, workdir: pathlib.Path, seed: int = 0) -> dict:
     label, make = ROWS[name]
     config = make()
+    config.train.seed = seed  # parameter init and per-step rng
+    config.data.seed = seed  # data shuffle
     config.train.steps = steps
     config.train.eval_every = steps
     config.train.checkpoint_every = steps
@@ -107,6 +123,7 @@ def run_row(name: str, steps: int, workdir: pathlib.Path) -> dict:
         "expert_gflop_per_token": flops / 1e9,
         "null_fraction": last_eval.get("null_fraction"),
         "wall_s": wall,
+        "seed": seed,
     }
 
 
@@ -121,7 +138,17 @@ def main() -> None:
         "rows are deterministic, so this is what a full run would give once the code changed "
         "for those rows alone",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="init, rng and data shuffle seed of every row; N != 0 writes "
+        "routing_quality_seedN.{md,json}",
+    )
     args = parser.parse_args()
+    if args.seed < 0:
+        parser.error(f"--seed: must be >= 0, got {args.seed}")
+    stem = results_stem(args.seed)
     names = args.rows.split(",")
     unknown = sorted(set(names) - set(ROWS))
     if unknown:
@@ -129,22 +156,29 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            results.append(run_row(name, args.steps, pathlib.Path(tmp)))
+            results.append(run_row(name, args.steps, pathlib.Path(tmp), args.seed))
             r = results[-1]
             print(f"{r['label']:40s} val {r['val_loss']:.4f}  {r['wall_s']:.0f}s", flush=True)
     if args.update:
-        old = json.loads((RESULTS / "routing_quality.json").read_text())
+        last = RESULTS / f"{stem}.json"
+        if not last.exists():
+            parser.error(f"--update: no last results {last}; run without --update first")
+        old = json.loads(last.read_text())
         fresh = {r["row"]: r for r in results}
         if any(r.get("steps", args.steps) != args.steps for r in old):
             parser.error("--update: the last results were run with other --steps")
+        if any(r.get("seed", 0) != args.seed for r in old):
+            parser.error("--update: the last results were run with another --seed")
         results = [fresh.pop(r["row"], r) for r in old] + list(fresh.values())
         for r in results:
             r["updated"] = r["row"] in set(names)
     for r in results:
         r["steps"] = args.steps
+        r["seed"] = args.seed
     ref = next((r for r in results if r["row"] == "top2"), None)
     lines = [
-        f"steps {args.steps} per row, configs/tiny.py's model and data; {platform.node()}",
+        f"steps {args.steps} per row, seed {args.seed}, configs/tiny.py's model and data; "
+        f"{platform.node()}",
         "",
         "| routing | val loss | experts/token | train experts/token | expert GFLOP/token "
         "| vs top-2 | wall s |",
@@ -163,13 +197,14 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(exist_ok=True)
-    command = f"`python benchmarks/routing_quality.py --steps {args.steps}`"
+    seed_flag = f" --seed {args.seed}" if args.seed else ""
+    command = f"`python benchmarks/routing_quality.py --steps {args.steps}{seed_flag}`"
     if args.update:
         command += f", then `... --rows {args.rows} --update` after a change to those rows"
     elif args.rows != ",".join(ROWS):
         command = command[:-1] + f" --rows {args.rows}`"
-    (RESULTS / "routing_quality.md").write_text(f"Command: {command}\n\n{table}\n")
-    (RESULTS / "routing_quality.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{stem}.md").write_text(f"Command: {command}\n\n{table}\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

