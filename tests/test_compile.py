@@ -13,7 +13,6 @@ import sys
 import types
 from pathlib import Path
 
-import jax
 import pytest
 
 from moejax.compile import hlo, targets
@@ -106,9 +105,7 @@ def test_tpu_report_mosaic_sharded():
 
     config = _small_config(data=1, fsdp=2, expert=2)
     config.moe.execution.expert_parallel = "all_to_all"
-    # conftest asks for "highest" matmul precision, which Mosaic rejects for bf16 operands.
-    with jax.default_matmul_precision("default"):
-        report = compile_report(config, "tpu-v5e-4")
+    report = compile_report(config, "tpu-v5e-4")
     _check_sane(report)
     assert report.mesh == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
     assert report.gmm_backend == "mosaic"
@@ -118,12 +115,26 @@ def test_tpu_report_mosaic_sharded():
     assert {"mosaic:moejax_gmm", "mosaic:moejax_tgmm"} <= set(report.kernels)
 
 
+def test_tpu_report_mosaic_data_parallel_without_expert_parallel():
+    """expert_parallel="none" on 4 TPU chips: the Mosaic kernels run per shard (GSPMD cannot
+    partition them: "Mosaic kernels cannot be automatically partitioned" before), with the
+    experts replicated and no token exchange."""
+    pytest.importorskip("libtpu", reason="needs the aot extra (libtpu)")
+    from moejax.compile import compile_report
+
+    report = compile_report(_small_config(data=4), "tpu-v5e-4")
+    _check_sane(report)
+    assert report.mesh == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert {"mosaic:moejax_gmm", "mosaic:moejax_tgmm"} <= set(report.kernels)
+    assert "all-to-all" not in report.collective_bytes
+    assert "ragged-all-to-all" not in report.collective_bytes
+
+
 def test_gpu_report_triton():
     pytest.importorskip("jax_cuda13_plugin", reason="needs the aot extra (jax CUDA plugin)")
     from moejax.compile import compile_report
 
-    with jax.default_matmul_precision("default"):
-        report = compile_report(_small_config(), "gpu-h100-1")
+    report = compile_report(_small_config(), "gpu-h100-1")
     _check_sane(report)
     assert report.gmm_backend == "triton"
     assert report.collective_bytes == {}
@@ -194,6 +205,21 @@ def test_trainer_peaks_come_from_targets_and_a_measured_cpu_matmul():
     peak = trainer._peak_flops(config)
     assert 1e8 < peak < 1e14  # a 2-core laptop to a large server, in float32 FLOP/s
     assert trainer._peak_flops(config) == peak  # measured once per process
+
+
+def test_gpu_report_triton_inside_expert_parallel_shard_map():
+    """The Triton kernels' output types carry the shard_map's varying axes (as Mosaic's do), so
+    a Triton MoE under the expert-parallel exchange compiles for a multi-GPU target."""
+    pytest.importorskip("jax_cuda13_plugin", reason="needs the aot extra (jax CUDA plugin)")
+    from moejax.compile import compile_report
+
+    config = _small_config(data=2, expert=2)
+    config.moe.execution.expert_parallel = "all_to_all"
+    report = compile_report(config, "gpu-h100-4")
+    _check_sane(report)
+    assert report.gmm_backend == "triton"
+    assert report.collective_bytes["ragged-all-to-all"] > 0  # ep_exchange="auto" on GPU
+    assert {"triton:gmm", "triton:tgmm"} <= set(report.kernels)
 
 
 def _ep_overlap_module():

@@ -15,7 +15,14 @@ import pytest
 
 from moejax.layers.config import MoEConfig, MoEExecution
 from moejax.layers.moe import MoE
-from moejax.moe import ExpertWeights, Routing, dropless_ffn, expert_parallel_ffn, send_buffer_rows
+from moejax.moe import (
+    ExpertWeights,
+    Routing,
+    dropless_ffn,
+    expert_parallel_ffn,
+    parallel,
+    send_buffer_rows,
+)
 from moejax.sharding import init_sharded, make_mesh, sharding_context
 
 E, K, D, F, B, L = 8, 2, 8, 4, 8, 2
@@ -270,6 +277,26 @@ def test_no_mesh_and_replicated_tokens_paths():
             y, dropped = fn(x, routing, w)
         _assert_close(y, want)
         assert float(dropped) == 0.0
+
+
+@pytest.mark.parametrize("mesh_kw", [dict(data=4), dict(data=2, expert=2)], ids=["data4", "exp2"])
+def test_kernel_backend_without_expert_parallel_runs_per_shard(mesh_kw):
+    """expert_parallel="none" with a Pallas kernel backend on several devices runs per shard
+    (layer_strategy -> "all_gather": GSPMD cannot partition the kernels' custom calls), and
+    gives the one-device numbers; the XLA backend and one device stay with GSPMD.
+
+    Mosaic in interpret mode, on 4 of the 8 devices: the TPU interpreter hangs with 8 devices
+    on a 2-core machine, and Triton's interpreter does not support shard_map's varying axes."""
+    mesh = make_mesh(**mesh_kw, devices=jax.devices()[:4])
+    ex = MoEExecution(gmm_tile=8, gmm_backend="mosaic", gmm_interpret=True)
+    cfg = dataclasses.replace(MoEConfig(**BASE), execution=ex)
+    assert parallel.layer_strategy(cfg, mesh) == "all_gather"
+    assert parallel.layer_strategy(cfg, make_mesh(data=1, devices=jax.devices()[:1])) == "none"
+    assert parallel.layer_strategy(cfg) == "none"  # no mesh: one device
+    xla = dataclasses.replace(cfg, execution=MoEExecution(gmm_backend="xla"))
+    assert parallel.layer_strategy(xla, mesh) == "none"
+    x, params, want = _single_device("dropless")
+    _assert_close(_loss_and_grads(cfg, params, x, mesh), want)
 
 
 def test_bad_expert_count():

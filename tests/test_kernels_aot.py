@@ -76,9 +76,7 @@ def _compile(target_name: str, backend: str, rows) -> str:
         for _, shapes, dtypes in calls
         for s, d in zip(shapes, dtypes, strict=True)
     ]
-    # conftest asks for "highest" matmul precision, which Mosaic rejects for bf16 operands.
-    with jax.default_matmul_precision("default"):
-        return jax.jit(all_kernels).trace(*structs).lower().compile().as_text()
+    return jax.jit(all_kernels).trace(*structs).lower().compile().as_text()
 
 
 @pytest.mark.parametrize(
@@ -147,8 +145,7 @@ def test_quantized_kernels_compile(target, backend, plugin):
         shapes = [((M, K), dtype), ((M, N), dtype), ((G, K, N), jnp.int8)]
         shapes.append(((G, K // (group or K), N), jnp.float32))
         structs += [jax.ShapeDtypeStruct(s, d, sharding=replicated) for s, d in shapes]
-    with jax.default_matmul_precision("default"):
-        text = jax.jit(all_kernels).trace(*structs).lower().compile().as_text()
+    text = jax.jit(all_kernels).trace(*structs).lower().compile().as_text()
     custom_target = "tpu_custom_call" if backend == "mosaic" else "__gpu$xla.gpu.triton"
     assert text.count(f'custom_call_target="{custom_target}"') >= 2 * len(QUANTIZED_CASES)
     assert "quantized" in text  # the kernels named *_quantized, not a dequantize + float kernel

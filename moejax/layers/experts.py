@@ -2,8 +2,9 @@
 
 `Experts` owns the three expert weights and hands them, with the tokens and the router's
 `Routing`, to `moejax.moe.routed_ffn` (plan -> run experts -> combine on one device or under
-GSPMD) or, when cfg.execution.expert_parallel is set, to `moejax.moe.expert_parallel_ffn`, the
-same local pipeline inside shard_map.
+GSPMD) or, when cfg.execution.expert_parallel is set (or its Pallas kernels run on a mesh of
+several devices, which GSPMD cannot partition: `moejax.moe.layer_strategy`), to
+`moejax.moe.expert_parallel_ffn`, the same local pipeline inside shard_map.
 
 Legend: T tokens, D model width, F expert hidden width, E experts, C capacity.
 """
@@ -24,6 +25,7 @@ from moejax.moe import (
     block_capacity,
     dispatch_kind,
     expert_parallel_ffn,
+    layer_strategy,
     routed_ffn,
 )
 from moejax.moe.experts import dequantize_weight
@@ -68,7 +70,8 @@ class Experts(nn.Module):
         The quantized pair is returned as a `QuantizedWeight` for the local pipeline, whose
         compact layout hands it to `moejax.pallas.gmm` (dequantized per tile, never as a whole
         float weight) and whose other layouts dequantize it (`moejax.moe.run_experts`); the
-        expert-parallel exchange takes float weights, so it is dequantized here for that."""
+        shard_map strategies (`moejax.moe.layer_strategy`) take float weights, so it is
+        dequantized here for them."""
         cfg = self.cfg
         if cfg.expert_bits is None:
             return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
@@ -84,7 +87,7 @@ class Experts(nn.Module):
         ones = nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
         qvalue = self.param(name, zeros, shape, jnp.int8)
         scale = self.param(f"{name}_scale", ones, (e, k // group, n), jnp.float32)
-        if cfg.execution.expert_parallel == "none":
+        if layer_strategy(cfg) == "none":
             return QuantizedWeight(qvalue, scale)
         return dequantize_weight(qvalue, scale).astype(self.dtype)
 
@@ -126,8 +129,12 @@ class Experts(nn.Module):
                 )
             key = self.make_rng("router")
 
-        if cfg.execution.expert_parallel != "none":
-            return expert_parallel_ffn(x_TxD, routing, experts, cfg, capacity=capacity, key=key)
+        # "none" with Pallas kernels on several devices still runs per shard (layer_strategy).
+        strategy = layer_strategy(cfg)
+        if strategy != "none":
+            return expert_parallel_ffn(
+                x_TxD, routing, experts, cfg, capacity=capacity, key=key, strategy=strategy
+            )
 
         def constrain(buf_ExCxD):
             return nn.with_logical_constraint(buf_ExCxD, BUFFER_AXES)

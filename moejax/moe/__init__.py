@@ -8,7 +8,7 @@ imports flow one way: layers -> moe -> pallas / sharding.rules.
 """
 
 from moejax.moe.experts import ExpertWeights, run_experts
-from moejax.moe.parallel import expert_parallel_ffn, send_buffer_rows
+from moejax.moe.parallel import expert_parallel_ffn, layer_strategy, send_buffer_rows
 from moejax.moe.pipeline import (
     apply_plan,
     block_capacity,
@@ -57,6 +57,7 @@ __all__ = [
     "dropped_fraction",
     "expert_choice_route",
     "expert_parallel_ffn",
+    "layer_strategy",
     "gather_rows",
     "group_limited_mask",
     "make_plan",

@@ -37,7 +37,9 @@ Strategies (MoEConfig.execution.expert_parallel):
   implements ragged-all-to-all (TPU, GPU: the mesh's devices decide), fixed on CPU.
 - "all_gather": tokens and routing are all-gathered over "expert", each shard computes its own
   experts' contributions for every gathered token (dropless), and a psum_scatter returns each
-  token's sum to its shard. Exact, no bound, ep x the token traffic.
+  token's sum to its shard. Exact, no bound, ep x the token traffic. It is also what "none"
+  becomes when the grouped matmuls are Pallas kernels on a mesh of several devices
+  (`layer_strategy`): GSPMD cannot partition those custom calls.
 With F split over "tensor", each shard holds a partial sum over its F slice; a psum over
 "tensor" on the [T, D] output (the smallest tensor on the way) completes it.
 Expert weights stored with D split over "fsdp" (rule embed_moe -> fsdp) enter the shard_map
@@ -69,6 +71,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from moejax import pallas
 from moejax.moe.experts import ExpertWeights
 from moejax.moe.pipeline import (
     dispatch_kind,
@@ -312,6 +315,37 @@ def _chunked(body, x_TxD, idx_TxK, w_TxK, *weights, chunks: int, vary_axes: tupl
     return jnp.concatenate(ys, axis=0), overflow
 
 
+# gmm backends whose grouped matmuls are Pallas kernels: custom calls that XLA's SPMD partitioner
+# cannot split ("Mosaic kernels cannot be automatically partitioned"), so on a mesh of several
+# devices they must run per shard, inside shard_map.
+KERNEL_BACKENDS = ("mosaic", "triton")
+
+
+def layer_strategy(cfg: MoEConfig, mesh=None) -> str:
+    """How an MoE layer's routed experts run: cfg.execution.expert_parallel, except that "none"
+    with a Pallas kernel backend (KERNEL_BACKENDS, "auto" resolved as `moejax.pallas.gmm`
+    resolves it) on a mesh of more than one device becomes "all_gather": the local pipeline per
+    shard inside shard_map (plain data parallelism when the mesh's expert axis is 1), the same
+    numbers as one device, where GSPMD could not lower the kernels at all.
+
+    Args:
+      cfg: the MoE config (execution.expert_parallel, execution.gmm_backend).
+      mesh: the mesh; None = the context mesh (`jax.set_mesh` / sharding_context).
+
+    Returns:
+      "none" (GSPMD partitions the local pipeline), "all_to_all" or "all_gather".
+    """
+    strategy = cfg.execution.expert_parallel
+    if strategy != "none":
+        return strategy
+    mesh = _context_mesh(mesh)
+    if mesh is None or math.prod(mesh.shape.values()) == 1:
+        return strategy
+    if pallas.resolve_backend(cfg.execution.gmm_backend) in KERNEL_BACKENDS:
+        return "all_gather"
+    return strategy
+
+
 def _context_mesh(mesh):
     if mesh is not None:
         return mesh
@@ -360,11 +394,12 @@ def expert_parallel_ffn(
     capacity: int,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     key: jax.Array | None = None,
+    strategy: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The routed experts' output across the mesh; what `routed_ffn` returns on one device.
 
-    Called from `moejax.layers.experts.Experts` (under jit) when cfg.execution.expert_parallel
-    is not "none". Any mesh works: a size-1 expert axis is plain data parallelism with local
+    Called from `moejax.layers.experts.Experts` (under jit) when `layer_strategy` is not
+    "none". Any mesh works: a size-1 expert axis is plain data parallelism with local
     experts, and with no mesh at all the local pipeline runs directly.
 
     Args:
@@ -376,6 +411,7 @@ def expert_parallel_ffn(
       capacity: per-expert slots for capacity dispatch and expert choice.
       mesh: mesh to shard over; None = the context mesh (`jax.set_mesh` / sharding_context).
       key: PRNG key of drop_policy="random" (training only).
+      strategy: "all_to_all" or "all_gather"; None = cfg.execution.expert_parallel.
 
     Returns:
       y_TxD float32, and the dropped fraction (float32 scalar): the local path's (capacity
@@ -386,7 +422,7 @@ def expert_parallel_ffn(
       ValueError: unknown strategy, num_experts not divisible by the expert-axis size, or
         ep_exchange="ragged" on a platform without ragged-all-to-all (CPU).
     """
-    strategy = cfg.execution.expert_parallel
+    strategy = strategy or cfg.execution.expert_parallel
     if strategy not in STRATEGIES:
         raise ValueError(
             f"MoEExecution.expert_parallel={strategy!r} is invalid here: allowed values are "

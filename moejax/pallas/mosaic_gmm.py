@@ -59,7 +59,12 @@ from jax.experimental.pallas import tpu as pltpu
 from moejax.pallas.backends import GmmKernels
 from moejax.pallas.metadata import make_group_metadata
 from moejax.pallas.quantized import QuantizedWeight, dequantize_tile
-from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
+from moejax.pallas.validation import (
+    check_config,
+    check_gmm_args,
+    check_tgmm_args,
+    kernel_out_struct,
+)
 
 _LANES = 128  # minor-dimension tile of every TPU vector register
 _SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -204,15 +209,6 @@ def _check_dtype(name: str, dtype: Any) -> None:
         raise ValueError(f"{name} must be float32 or bfloat16 for the mosaic backend, got {dtype}")
 
 
-def _out_struct(shape: tuple[int, ...], dtype: Any, *operands: jax.Array) -> jax.ShapeDtypeStruct:
-    """Output type of a pallas_call; inside `shard_map(check_vma=True)` (expert parallelism) it
-    must say over which mesh axes it varies: those any operand varies over."""
-    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
-    return jax.ShapeDtypeStruct(
-        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
-    )
-
-
 def _pad2(x: jax.Array, rows: int, cols: int) -> jax.Array:
     """Zero-pads the last two axes of x up to (rows, cols); a no-op when already that size."""
     pad_r, pad_c = rows - x.shape[-2], cols - x.shape[-1]
@@ -301,10 +297,12 @@ def _row_mask(shape: tuple[int, int], tile: jax.Array, tm: int, start, end) -> j
     return (rows >= start) & (rows < end)
 
 
-def _precision(dtype: Any):
+def _precision(dtype: Any) -> lax.Precision:
     # float32 inputs get full-precision MXU passes (the f32 oracle is exact); bfloat16 inputs
-    # are exact in one pass anyway.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    # are exact in one pass anyway, and an explicit DEFAULT keeps a global
+    # jax_default_matmul_precision="highest" off them (Mosaic rejects bf16 "highest" dots: "Bad
+    # lhs type").
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
 def _fit_scale_tile(tile: int, weight: QuantizedWeight) -> int:
@@ -503,7 +501,7 @@ def gmm_mosaic(
     )
     call = pl.pallas_call(
         kernel,
-        out_shape=_out_struct((m_pad, n_pad), out_dtype, lhs, *jax.tree.leaves(rhs), group_sizes),
+        out_shape=kernel_out_struct((m_pad, n_pad), out_dtype, lhs, rhs, group_sizes),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(schedule),
             grid=(tiles_n, num_row_steps, tiles_k),
@@ -649,7 +647,7 @@ def tgmm_mosaic(
     )
     call = pl.pallas_call(
         kernel,
-        out_shape=_out_struct((num_groups, k_pad, n_pad), out_dtype, lhs, grad, group_sizes),
+        out_shape=kernel_out_struct((num_groups, k_pad, n_pad), out_dtype, lhs, grad, group_sizes),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(schedule),
             grid=(tiles_n, tiles_k, num_row_steps),

@@ -48,7 +48,12 @@ from jax.experimental.pallas import triton as plgpu
 from moejax.pallas.backends import GmmKernels
 from moejax.pallas.metadata import make_group_metadata
 from moejax.pallas.quantized import QuantizedWeight, dequantize_tile
-from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
+from moejax.pallas.validation import (
+    check_config,
+    check_gmm_args,
+    check_tgmm_args,
+    kernel_out_struct,
+)
 
 # Shared memory per SM usable by one block on the GPUs this table targets (H100/H200: 227 KiB).
 # `TritonConfig.shared_memory_bytes` must stay under it, or Triton fails at compile time.
@@ -365,7 +370,7 @@ def gmm_triton(
     )
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((p.m, p.n), p.out_dtype),
+        out_shape=kernel_out_struct((p.m, p.n), p.out_dtype, lhs, rhs, group_sizes),
         grid=grid,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
@@ -460,7 +465,7 @@ def tgmm_triton(
     kernel = functools.partial(_tgmm_kernel, cfg=cfg, k=k, n=n)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), p.out_dtype),
+        out_shape=kernel_out_struct((num_groups, k, n), p.out_dtype, lhs, grad, group_sizes),
         grid=grid,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,

@@ -1,4 +1,5 @@
-"""Argument checks and the output-dtype rule shared by `gmm`/`tgmm` and every backend.
+"""Argument checks, the output-dtype rule and the kernels' output type, shared by `gmm`/`tgmm` and
+every backend.
 
 The public ops call these before dispatching (where concrete group sizes can still be checked on
 the host) and each backend's entry point calls them again, so a backend called directly gets the
@@ -190,4 +191,15 @@ def check_config(backend: str, config: Any, config_type: type | None) -> None:
     raise ValueError(
         f"config for the {backend} backend must be a {config_type.__name__} or None, "
         f"got {config!r} ({type(config).__name__})"
+    )
+
+
+def kernel_out_struct(shape: tuple[int, ...], dtype: Any, *operands: Any) -> jax.ShapeDtypeStruct:
+    """The `out_shape` of a backend's pallas_call. Inside `shard_map(check_vma=True)` (the
+    expert-parallel exchanges) it must say over which mesh axes the output varies: those any
+    operand (array leaves of `operands`) varies over; outside, that set is empty."""
+    leaves = jax.tree.leaves(operands)
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in leaves))
+    return jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
     )
