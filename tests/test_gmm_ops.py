@@ -29,6 +29,8 @@ from moejax.pallas.xla_gmm import XlaConfig
 BACKENDS = ["xla", "ragged_dot"]
 if importlib.util.find_spec("moejax.pallas.mosaic_gmm") is not None:
     BACKENDS.append("mosaic")
+if importlib.util.find_spec("tokamax") is not None:
+    BACKENDS.append("tokamax")  # its "xla" implementation on CPU (tokamax picks it)
 
 # A small row tile for the XLA path so that the test shapes span several tiles; the other
 # backends use their default tiling (shrunk to the problem).
@@ -118,7 +120,14 @@ def test_auto_backend_and_interpret_on_cpu():
     assert jax.default_backend() == "cpu"
     assert moejax.pallas.resolve_backend("auto") == "xla"
     assert moejax.pallas.resolve_backend("mosaic") == "mosaic"
-    assert set(moejax.pallas.BACKENDS) == {"auto", "xla", "triton", "mosaic", "ragged_dot"}
+    assert set(moejax.pallas.BACKENDS) == {
+        "auto",
+        "xla",
+        "triton",
+        "mosaic",
+        "ragged_dot",
+        "tokamax",
+    }
     with pytest.raises(ValueError, match=r"backend='cuda' is not one of \('auto'"):
         moejax.pallas.resolve_backend("cuda")
     assert ops._resolve_interpret(None) is True

@@ -8,7 +8,8 @@ v5p chip: gmm for the "gmm" rows, gmm with transpose_rhs for the transposed rows
 per target holds all its kernels (one compile); a failure recompiles each row alone to name it.
 Shapes are small but at least one tile of the largest config, so no tile is shrunk away.
 The quantized kernels (int8 weights + scales, `moejax.pallas.QuantizedWeight`) compile the same
-way, forward and transposed, for each way a scale group meets the tiles.
+way, forward and transposed, for each way a scale group meets the tiles, and tokamax's Triton
+ragged_dot (backend="tokamax", the tokamax extra) for H100 and B200.
 Needs the `aot` extra (skipped with a reason without it).
 """
 
@@ -149,3 +150,32 @@ def test_quantized_kernels_compile(target, backend, plugin):
     custom_target = "tpu_custom_call" if backend == "mosaic" else "__gpu$xla.gpu.triton"
     assert text.count(f'custom_call_target="{custom_target}"') >= 2 * len(QUANTIZED_CASES)
     assert "quantized" in text  # the kernels named *_quantized, not a dequantize + float kernel
+
+
+@pytest.mark.parametrize("target", ["gpu-h100-1", "gpu-b200-1"])
+def test_tokamax_triton_kernels_compile(target):
+    """backend="tokamax" with tokamax's Triton ragged_dot compiles deviceless (its cross-compile
+    option skips its device check): gmm, transposed gmm and tgmm are Triton custom calls."""
+    pytest.importorskip("jax_cuda13_plugin", reason="needs the aot extra (jax CUDA plugin)")
+    tokamax = pytest.importorskip("tokamax", reason="needs the tokamax extra")
+    from moejax.pallas.tokamax_gmm import TokamaxConfig
+
+    config = TokamaxConfig(implementation="triton")
+    device = topology(parse_target(target)).devices[0]
+    replicated = NamedSharding(jax.sharding.Mesh(np.array([device]), ("x",)), P())
+    dt = jnp.bfloat16
+    shapes = [((M, K), dt), ((G, K, N), dt), ((G, N, K), dt), ((M, N), dt), ((G,), jnp.int32)]
+    structs = [jax.ShapeDtypeStruct(s, d, sharding=replicated) for s, d in shapes]
+
+    def all_kernels(x, w, w_t, g, sizes):
+        kw = dict(backend="tokamax", config=config)
+        return (
+            pallas.gmm(x, w, sizes, **kw),
+            pallas.gmm(x, w_t, sizes, transpose_rhs=True, **kw),
+            pallas.tgmm(x, g, sizes, **kw),
+        )
+
+    with tokamax.config.cross_compile(True):
+        text = jax.jit(all_kernels).trace(*structs).lower().compile().as_text()
+    assert text.count('custom_call_target="__gpu$xla.gpu.triton"') >= 3
+    assert "ragged-dot" not in text  # tokamax's kernels, not XLA's ragged_dot

@@ -32,7 +32,7 @@ BIAS_SCHEDULES = ("constant", "inv_sqrt")
 LOAD_BALANCE_TYPES = ("global", "sequence")
 EXPERT_PARALLEL = ("none", "all_to_all", "all_gather")
 EP_EXCHANGES = ("auto", "fixed", "ragged")
-GMM_BACKENDS = ("auto", "xla", "triton", "mosaic", "ragged_dot")
+GMM_BACKENDS = ("auto", "xla", "triton", "mosaic", "ragged_dot", "tokamax")
 # Per-layer activation checkpointing; the MoE policies act on the checkpoint names of
 # moejax.moe.pipeline (policies: moejax.layers.transformer.remat_policy).
 REMAT_POLICIES = (
@@ -85,7 +85,8 @@ class MoEExecution:
     gmm_backend: str = _field(
         "auto",
         "backend for `moejax.pallas.gmm` (see that function): 'auto' (Triton on GPU, Mosaic on "
-        "TPU, 'xla' elsewhere), 'xla', 'triton', 'mosaic' or 'ragged_dot'",
+        "TPU, 'xla' elsewhere), 'xla', 'triton', 'mosaic', 'ragged_dot' or 'tokamax' (tokamax's "
+        "ragged_dot kernels, the tokamax extra)",
     )
     gmm_tile: int = _field(
         256, "row tile of the XLA grouped matmul / padding granularity of the dropless layout"

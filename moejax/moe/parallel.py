@@ -318,7 +318,7 @@ def _chunked(body, x_TxD, idx_TxK, w_TxK, *weights, chunks: int, vary_axes: tupl
 # gmm backends whose grouped matmuls are Pallas kernels: custom calls that XLA's SPMD partitioner
 # cannot split ("Mosaic kernels cannot be automatically partitioned"), so on a mesh of several
 # devices they must run per shard, inside shard_map.
-KERNEL_BACKENDS = ("mosaic", "triton")
+KERNEL_BACKENDS = ("mosaic", "triton", "tokamax")
 
 
 def layer_strategy(cfg: MoEConfig, mesh=None) -> str:

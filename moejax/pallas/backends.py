@@ -68,6 +68,8 @@ BACKEND_TABLE: dict[str, GmmBackend] = {
         GmmBackend("mosaic", "moejax.pallas.mosaic_gmm", ("tpu",)),
         # The oracle every other backend must match; "auto" never picks it.
         GmmBackend("ragged_dot", "moejax.pallas.ragged_gmm"),
+        # tokamax's ragged_dot kernels (optional dependency); "auto" never picks it.
+        GmmBackend("tokamax", "moejax.pallas.tokamax_gmm"),
     )
 }
 BACKENDS = ("auto", *BACKEND_TABLE)
