@@ -198,7 +198,7 @@ def test_execution_values_are_validated_with_one_line():
         MoEExecution(gmm_backend="fast")
     assert str(e.value) == (
         "MoEExecution.gmm_backend='fast' is invalid: allowed values are "
-        "'auto', 'xla', 'triton', 'mosaic', 'ragged_dot'"
+        "'auto', 'xla', 'triton', 'mosaic', 'ragged_dot', 'tokamax'"
     )
     for kwargs, message in (
         (dict(gmm_tile=0), "MoEExecution.gmm_tile=0 is invalid: must be an integer >= 1"),
