@@ -17,6 +17,14 @@ from moejax.pallas.backends import GmmKernels
 from moejax.pallas.quantized import QuantizedWeight, dequantize
 from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
+# tgmm as a ragged_dot_general with a ragged contracting dimension: the M rows are split by
+# group, each group contracts its own rows, and the groups become a new leading output axis.
+TGMM_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([0], [0]), ([], [])),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[],
+)
+
 
 def gmm_ragged_dot(
     lhs: jax.Array,
@@ -58,15 +66,8 @@ def tgmm_ragged_dot(
     del interpret
     check_config("ragged_dot", config, None)
     problem = check_tgmm_args(lhs, grad, group_sizes, num_groups, preferred_element_type)
-    # Ragged contracting dimension: the M rows are split by group, each group contracts its own
-    # rows, and the groups become a new leading output axis.
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([0], [0]), ([], [])),
-        lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[],
-    )
     return jax.lax.ragged_dot_general(
-        lhs, grad, group_sizes, dims, preferred_element_type=problem.out_dtype
+        lhs, grad, group_sizes, TGMM_DIMS, preferred_element_type=problem.out_dtype
     )
 
 

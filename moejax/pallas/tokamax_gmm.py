@@ -24,6 +24,7 @@ import jax
 
 from moejax.pallas.backends import GmmKernels
 from moejax.pallas.quantized import QuantizedWeight, dequantize
+from moejax.pallas.ragged_gmm import TGMM_DIMS
 from moejax.pallas.validation import check_config, check_gmm_args, check_tgmm_args
 
 IMPLEMENTATIONS = (None, "xla", "triton", "mosaic")
@@ -110,19 +111,12 @@ def tgmm_tokamax(
     config: TokamaxConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Per-group lhs.T @ grad as tokamax's ragged-contraction ragged_dot_general. Returns
-    [G, K, N]; an empty group gives zeros."""
+    """Per-group lhs.T @ grad as tokamax's ragged_dot_general with a ragged contracting
+    dimension (the oracle's TGMM_DIMS). Returns [G, K, N]; an empty group gives zeros."""
     del interpret
     check_config("tokamax", config, TokamaxConfig)
     problem = check_tgmm_args(lhs, grad, group_sizes, num_groups, preferred_element_type)
-    # The M rows are split by group, each group contracts its own rows, and the groups become
-    # a new leading output axis.
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(([0], [0]), ([], [])),
-        lhs_ragged_dimensions=[0],
-        rhs_group_dimensions=[],
-    )
-    return _ragged_dot_general(lhs, grad, group_sizes, dims, problem.out_dtype, config)
+    return _ragged_dot_general(lhs, grad, group_sizes, TGMM_DIMS, problem.out_dtype, config)
 
 
 GMM_KERNELS = GmmKernels(
