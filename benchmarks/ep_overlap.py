@@ -12,11 +12,11 @@ in the compiled module, how many are asynchronous (a start/done pair), and the c
 (`moejax.compile.hlo.async_overlap`): what the exchange can hide behind; the last column
 counts only the grouped matmuls among them (Pallas kernels, the XLA gmm's tile loops). XLA:GPU makes
 all_to_all asynchronous by default; libtpu only with `--xla_tpu_enable_async_all_to_all=true`
-in LIBTPU_INIT_ARGS (read once per process, so it is one run each way). Expert matmuls: Triton
-kernels do not yet compile inside an expert-parallel shard_map for GPU (see README), so the GPU
-rows use the XLA grouped matmul; TPU rows use the Mosaic kernel. The exchange is the fixed
-one (ep_exchange="fixed": the buffers whose overlap this measures; "auto" is the ragged
-exchange on these targets).
+in LIBTPU_INIT_ARGS (read once per process, so it is one run each way). Expert matmuls: the
+GPU rows use the XLA grouped matmul (as when they were first measured, before the Triton kernels
+compiled inside an expert-parallel shard_map), TPU rows the Mosaic kernel. The exchange is the
+fixed one by default; `--exchange=ragged` compiles the ragged one (jax.lax.ragged_all_to_all,
+what "auto" picks on these targets) and counts its ragged-all-to-alls instead.
 Results: a table on stdout and benchmarks/results/ep_overlap.md (appended per run).
 """
 
@@ -48,8 +48,14 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 E, D, F, K, TOKENS_PER_DEVICE = 16, 1024, 1024, 2, 1024
 
 
-def compiled_text(target_name: str, chunks: int, tokens_per_device: int = TOKENS_PER_DEVICE) -> str:
-    """Optimized HLO of the routed experts on `target_name` with ep_chunks=chunks."""
+def compiled_text(
+    target_name: str,
+    chunks: int,
+    tokens_per_device: int = TOKENS_PER_DEVICE,
+    exchange: str = "fixed",
+) -> str:
+    """Optimized HLO of the routed experts on `target_name` with ep_chunks=chunks and
+    ep_exchange=exchange."""
     target = parse_target(target_name)
     devices = topology(target).devices
     n = len(devices)
@@ -65,7 +71,7 @@ def compiled_text(target_name: str, chunks: int, tokens_per_device: int = TOKENS
         d_ff=F,
         execution=MoEExecution(
             expert_parallel="all_to_all",
-            ep_exchange="fixed",
+            ep_exchange=exchange,
             ep_capacity_factor=None,
             ep_chunks=chunks,
             gmm_backend=backend,
@@ -99,10 +105,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default="gpu-h100-8,tpu-v5p-16")
     p.add_argument("--chunks", default="1,2,4")
+    p.add_argument("--exchange", default="fixed", choices=("fixed", "ragged"))
     args = p.parse_args()
+    kind = "all-to-all" if args.exchange == "fixed" else "ragged-all-to-all"
     flags = os.environ.get("LIBTPU_INIT_ARGS", "")
     lines = [
-        f"LIBTPU_INIT_ARGS={flags!r}",
+        f"LIBTPU_INIT_ARGS={flags!r}, ep_exchange={args.exchange!r}",
         "",
         "| target | ep_chunks | all_to_alls | asynchronous | compute ops in flight per async "
         "all_to_all | of them grouped matmuls |",
@@ -110,10 +118,10 @@ def main():
     ]
     for target in args.targets.split(","):
         for chunks in (int(c) for c in args.chunks.split(",")):
-            text = compiled_text(target, chunks)
-            total = len(re.findall(r" all-to-all(?:-start)?\(", text))
-            overlap = async_overlap(text)
-            matmuls = async_overlap(text, matmuls=True)
+            text = compiled_text(target, chunks, exchange=args.exchange)
+            total = len(re.findall(rf" {kind}(?:-start)?\(", text))
+            overlap = async_overlap(text, kind)
+            matmuls = async_overlap(text, kind, matmuls=True)
             lines.append(
                 f"| {target} | {chunks} | {total} | {len(overlap)} | "
                 f"{' '.join(map(str, overlap)) or '-'} | {' '.join(map(str, matmuls)) or '-'} |"
