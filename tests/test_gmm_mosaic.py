@@ -363,12 +363,25 @@ def test_illegal_tiling_is_caught_by_tpu_lowering(monkeypatch):
 
 @pytest.mark.parametrize(
     "dim,tile,want",
-    [(4096, 1024, 1024), (1408, 1024, 768), (100, 512, 128), (640, 512, 128), (5120, 1024, 1024)],
+    [
+        (4096, 1024, 1024),
+        (1408, 1024, 1408),  # DeepSeek's expert width: one whole tile, no padded weight copy
+        (1408, 512, 128),  # 1408 = 11 x 128: only 128 divides it up to 2 x 512
+        (100, 512, 128),
+        (640, 512, 640),
+        (5120, 1024, 1024),
+        (14336, 1024, 1024),  # Mixtral's expert width
+        (1000, 512, 512),  # not a multiple of 128: padded (1024), within 1/8
+    ],
 )
 def test_lane_tile_limits_padding(dim, tile, want):
+    """A multiple of 128 gets a tile dividing it (no padding, so no per-call weight copy);
+    otherwise padding stays within 1/8 of the 128-rounded size."""
     got = mosaic_gmm._fit_lane_tile(dim, tile)
     assert got == want and got % 128 == 0
     minimal = -(-dim // 128) * 128
+    if dim % 128 == 0:
+        assert dim % got == 0 and got <= 2 * tile
     assert -(-minimal // got) * got - minimal <= minimal // 8
 
 

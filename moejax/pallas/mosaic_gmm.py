@@ -150,16 +150,21 @@ def _sublane_multiple(*dtypes: Any) -> int:
 
 
 def _fit_lane_tile(dim: int, tile: int) -> int:
-    """Tile for a lane dimension (K or N) of size `dim`, at most `tile`, a multiple of 128.
+    """Tile for a lane dimension (K or N) of size `dim`, a multiple of 128, near `tile`.
 
-    Zero padding up to a tile multiple is multiplied for nothing (and, for the weights, copied
-    on every call), so the largest tile whose padded extent stays within 1/8 of the smallest
-    possible one (dim rounded up to 128) is used: e.g. N = 1408 with tile 1024 gives 768
-    (1536 columns) rather than 2048 columns.
+    Padding a weight axis copies the whole weight on every call (the wrapper pads it in HBM:
+    409 MiB of temporaries for one DeepSeek-shaped gmm, N = 1408, with a 768 tile), so when
+    `dim` is a multiple of 128 the tile divides it: the divisor nearest `tile` (the larger on a
+    tie), at most 2 x tile (N = 1408, tile 1024: 1408, one tile; 640 with 512: 640). Otherwise
+    some padding is unavoidable and the largest tile up to `tile` whose padded extent stays
+    within 1/8 of the smallest possible one (dim rounded up to 128) is used.
     """
     minimal = _round_up(max(dim, 1), _LANES)
     if tile >= minimal:
         return minimal
+    if dim % _LANES == 0:
+        divisors = [c for c in range(_LANES, min(dim, 2 * tile) + 1, _LANES) if dim % c == 0]
+        return min(divisors, key=lambda c: (abs(c - tile), -c))
     for candidate in range(tile, _LANES - 1, -_LANES):
         if _round_up(minimal, candidate) - minimal <= minimal // 8:
             return candidate
