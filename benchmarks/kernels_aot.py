@@ -50,6 +50,13 @@ M, K, N, G = 4096, 2048, 2048, 8  # rows, contraction, output width, groups
 OUT = Path(__file__).resolve().parent / "results" / "kernels_aot.md"
 _TRANSPOSED = ("gmm_transposed", "gmm_t")
 _GPUS = (("gpu-h100-1", "sm_90a"), ("gpu-b200-1", "sm_100a"))
+# (column name, PTX needle) of the matrix instructions a Triton kernel's PTX may use.
+_INSTRUCTIONS = (
+    ("wgmma", "wgmma"),
+    ("TMA", "cp.async.bulk.tensor"),
+    ("tcgen05", "tcgen05"),
+    ("mma.sync", "mma.sync"),
+)
 _TPUS = ("tpu-v5e-1", "tpu-v5p-2")
 
 
@@ -152,12 +159,7 @@ def triton_rows() -> list[str]:
                 smem = cfg.num_stages * (bm * bk + bm * bn) * dtype.itemsize
             else:
                 smem = cfg.num_stages * (bm * bk + bk * bn) * dtype.itemsize
-            uses = [
-                name
-                for name, needle in (("wgmma", "wgmma"), ("TMA", "cp.async.bulk.tensor"),
-                                     ("tcgen05", "tcgen05"), ("mma.sync", "mma.sync"))
-                if needle in text
-            ]  # fmt: skip
+            uses = [name for name, needle in _INSTRUCTIONS if needle in text]
             rows.append(
                 f"| {target} | {key} | {bm}x{bk}x{bn} w{cfg.num_warps} s{cfg.num_stages} | "
                 f"{regs} | {spills} | {smem // 1024} KiB | {', '.join(uses) or '-'} | "
@@ -288,14 +290,6 @@ def quantized_section() -> list[str]:
     ]
 
 
-_INSTRUCTIONS = (
-    ("wgmma", "wgmma"),
-    ("TMA", "cp.async.bulk.tensor"),
-    ("tcgen05", "tcgen05"),
-    ("mma.sync", "mma.sync"),
-)
-
-
 def _largest_kernel_ptx(dump_dir: str) -> Path | None:
     # tokamax's Triton kernel is named "_unknown_" in the dump; beside it XLA's own small
     # fusions (group-size bookkeeping) have PTX too. The matmul kernel is the largest.
@@ -369,27 +363,16 @@ def model_shape_rows() -> list[str]:
     rows = []
     for name, m, k, n, g in _MODEL_SHAPES:
         calls = (
-            ("gmm", [(m, k), (g, k, n), (g,)], False),
-            ("gmm_transposed", [(m, n), (g, k, n), (g,)], True),
-            ("tgmm", [(m, k), (m, n), (g,)], None),
+            ("gmm", [(m, k), (g, k, n), (g,)], m * n),
+            ("gmm_transposed", [(m, n), (g, k, n), (g,)], m * k),  # stored [G, K, N], over N
+            ("tgmm", [(m, k), (m, n), (g,)], g * k * n),
         )
         for target, backend in ((_GPUS[0][0], "triton"), (_TPUS[1], "mosaic")):
-            for kernel, shapes, transpose in calls:
-                dts = [jnp.bfloat16, jnp.bfloat16, jnp.int32]
-                structs = _structs(target, shapes, dts)
-                if kernel == "tgmm":
-                    fn = _kernel_fn(backend, "tgmm", None)
-                    out_bytes = g * k * n * 2
-                else:
-
-                    def fn(a, b, sizes, backend=backend, transpose=transpose):
-                        return pallas.gmm(
-                            a, b, sizes, transpose_rhs=transpose, backend=backend, interpret=False
-                        )
-
-                    out_bytes = m * (k if transpose else n) * 2
+            for kernel, shapes, out_elems in calls:
+                structs = _structs(target, shapes, [jnp.bfloat16, jnp.bfloat16, jnp.int32])
+                out_bytes = out_elems * 2
                 try:
-                    compiled, secs = _compile(fn, structs)
+                    compiled, secs = _compile(_kernel_fn(backend, kernel, None), structs)
                 except Exception as e:  # noqa: BLE001 - a failure is a row, not a crash
                     line = str(e).splitlines()[0][:120]
                     rows.append(f"| {name} | {target} | {kernel} | FAILS: {line} |")

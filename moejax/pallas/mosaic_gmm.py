@@ -26,8 +26,9 @@ Tiling. Block shapes obey Mosaic's rule: the last two dimensions of a block are 
 (8, 128) (16 in the second-minor for 16-bit types, whose native tile is (16, 128)). Inputs whose
 dimensions are not tile multiples are zero-padded in the wrapper and the result is sliced back;
 zero rows and columns add nothing to the products. Tile sizes come from `MosaicConfig`, by default
-from `TUNED_CONFIGS`, and are shrunk to the problem when it is smaller or when the configured K/N
-tile would pad by more than 1/8 (`_fit_tiles`).
+from `TUNED_CONFIGS`, and are fitted to the problem (`_fit_tiles`): capped at its size, and a
+K/N tile divides the dimension when that is a multiple of 128 (so no weight is padded in HBM),
+else pads it by at most 1/8.
 
 Quantized weights (`moejax.pallas.QuantizedWeight`): the weight blocks are the stored int8
 values, and a second input brings each block's scale rows; the kernel dequantizes the block in
@@ -173,7 +174,8 @@ def _fit_lane_tile(dim: int, tile: int) -> int:
 
 def _fit_tiles(config: MosaicConfig, m: int, k: int, n: int, sublanes: int) -> tuple[int, int, int]:
     """Tiles of `config` fitted to the problem: never larger than the (rounded-up) dimension,
-    and K/N tiles shrunk when the configured tile would pad a lot (`_fit_lane_tile`).
+    and K/N tiles moved to a divisor of the dimension, or shrunk to limit padding
+    (`_fit_lane_tile`).
 
     Row padding costs no matmul work (padded rows belong to no group), so tm is only capped.
     """
