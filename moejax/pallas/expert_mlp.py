@@ -1,8 +1,8 @@
 """The fused expert MLP on rows in the tile-padded layout: a public differentiable op.
 
-`expert_mlp_padded` runs each row tile's whole expert MLP in one scan (the XLA/CPU path of the
-dropless MoE layer), with a custom VJP whose backward is again one scan over the tiles
-(`xla_gmm.mlp_padded_bwd`). The rows come from `padded_layout` (every group starts on a tile
+`expert_mlp_padded` runs each row tile's whole expert MLP in one loop over the experts and
+their tiles (the XLA/CPU path of the dropless MoE layer), with a custom VJP whose backward is
+again one such loop (`xla_gmm.mlp_padded_bwd`). The rows come from `padded_layout` (every group starts on a tile
 boundary), so the caller gathers tokens straight into that layout and back.
 
 Legend: P padded rows (= T_p * tile_m), D model width, F hidden width, G groups (experts),
@@ -34,7 +34,7 @@ def _expert_mlp_padded_fwd(x_PxD, wi_gate, wi_up, wo, tile_group_Tp, num_used_ti
 
 def _expert_mlp_padded_bwd(act, tile_m, res, dy_PxD):
     x_PxD, wi_gate, wi_up, wo, tile_group_Tp, num_used_tiles, pre = res
-    # The cotangent may arrive in a wider dtype than the rows (f32 for bf16); the scan runs in
+    # The cotangent may arrive in a wider dtype than the rows (f32 for bf16); the loop runs in
     # the rows' dtype, as the forward did.
     grads = xla_gmm.mlp_padded_bwd(
         x_PxD,

@@ -3,16 +3,19 @@
 `jax.lax.ragged_dot` on CPU multiplies every row by every group's weight and masks (G times the
 FLOPs). Here the rows are laid out so that every group starts on a row-tile boundary ("padded
 layout": group g occupies ceil(s_g / tile_m) whole tiles, the tail of its last tile is zeros),
-and a `lax.scan` over the tiles multiplies each tile by its own group's weight only. The cost is
-the real FLOPs plus at most one partial tile per group, plus two row gathers (in and out of the
-padded layout). Tiles past the last used one are skipped with `lax.cond`. A quantized rhs
-(`moejax.pallas.QuantizedWeight`) is dequantized inside the scan, one tile's group slice at a
-time, so no [G, K, N] float weight is built.
+and a loop over the groups, each running a loop over its own tiles (`_group_tile_loop`),
+multiplies each tile by its group's weight only. The cost is the real FLOPs plus at most one
+partial tile per group, plus two row gathers (in and out of the padded layout). The group's
+weight slice is taken once per group, not once per tile, and the tile loops run only over used
+tiles, so there is no per-tile branch: on XLA:CPU a `lax.cond` in a tile scan copied the
+operands it passed through (the weight-gradient accumulators, [G, K, N] each) on every tile. A
+quantized rhs (`moejax.pallas.QuantizedWeight`) is dequantized one group slice at a time, so no
+[G, K, N] float weight is built.
 
 The padded layout is the shared group-tile work list (`moejax.pallas.metadata`) of the group
 sizes rounded up to whole tiles. The functions are plain (no custom_vjp): `moejax.pallas.ops`
 wraps the grouped matmuls, and `moejax.pallas.expert_mlp` wraps `mlp_padded`/`mlp_padded_bwd` (a
-whole expert MLP per tile in one scan, for the dropless MoE layer). `padded_layout` is public so
+whole expert MLP per tile in one loop, for the dropless MoE layer). `padded_layout` is public so
 that dispatch code can gather tokens straight into the padded layout.
 
 Legend: M rows, K contraction width, N output width, G groups, P padded rows (= T_p * tile_m),
@@ -139,11 +142,41 @@ def _gather_rows(x_MxK: jax.Array, rows: jax.Array) -> jax.Array:
 
 
 def _zeros_varying_like(shape, dtype, *like: jax.Array) -> jax.Array:
-    """Zeros varying over the same shard_map axes as `like`: inside shard_map (check_vma) both
-    lax.cond branches, and a scan's carry and body, must agree on them. Plain zeros outside."""
+    """Zeros varying over the same shard_map axes as `like`: inside shard_map (check_vma) a
+    loop's carry and body must agree on them. Plain zeros outside."""
     axes = set().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
     zeros = jnp.zeros(shape, dtype)
     return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
+def _group_tile_loop(tile_group_Tp, num_used_tiles, num_groups, group_fn, carry):
+    """Runs group_fn(g, first_tile, end_tile, carry) -> carry for g = 0..G-1, in order.
+
+    Groups occupy consecutive tiles of the padded layout, so group g's used tiles are
+    [first_tile, end_tile); a group without rows gets an empty range. Unused tiles
+    (>= num_used_tiles) belong to no range. group_fn typically takes its weight slice once and
+    runs `jax.lax.fori_loop(first_tile, end_tile, ...)` over the tiles.
+    """
+    used_Tp = (jnp.arange(tile_group_Tp.shape[0]) < num_used_tiles).astype(jnp.int32)
+    tiles_G = jnp.zeros((num_groups,), jnp.int32).at[tile_group_Tp].add(used_Tp)
+    ends_G = jnp.cumsum(tiles_G)
+
+    def body(g, carry):
+        return group_fn(g, ends_G[g] - tiles_G[g], ends_G[g], carry)
+
+    return jax.lax.fori_loop(0, num_groups, body, carry)
+
+
+def _tile(rows_PxN: jax.Array, t: jax.Array, tile_m: int) -> jax.Array:
+    """Rows of tile t."""
+    return jax.lax.dynamic_slice_in_dim(rows_PxN, t * tile_m, tile_m)
+
+
+def _set_tile(rows_PxN: jax.Array, t: jax.Array, value_txN: jax.Array, tile_m: int) -> jax.Array:
+    """rows with tile t replaced by value (in place inside a loop)."""
+    return jax.lax.dynamic_update_slice_in_dim(
+        rows_PxN, value_txN.astype(rows_PxN.dtype), t * tile_m, 0
+    )
 
 
 def gmm_padded(
@@ -174,7 +207,6 @@ def gmm_padded(
     quantized = isinstance(rhs, QuantizedWeight)
     rhs = rhs if quantized else jnp.asarray(rhs)
     num_tiles = tile_group_Tp.shape[0]
-    k = lhs_PxK.shape[1]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     contract = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
     # Accumulate each tile in float32 (or wider) even for bf16 results; the tile is the whole
@@ -184,35 +216,25 @@ def gmm_padded(
     def group_weight(g):
         if not quantized:
             return jax.lax.dynamic_index_in_dim(rhs, g, keepdims=False)
-        # Only this tile's group is dequantized (K x N, against tile_m x K x N multiply-adds).
+        # Only this group's slice is dequantized (K x N, against its tiles' M x K x N work).
         values_g, scale_g = (jax.lax.dynamic_index_in_dim(a, g, keepdims=False) for a in rhs)
         return dequantize_tile(values_g, scale_g, lhs_PxK.dtype)
 
-    def tile_matmul(lhs_txK, g):
+    def group(g, first, end, out_PxN):
         rhs_g = group_weight(g)
-        out = jax.lax.dot_general(lhs_txK, rhs_g, contract, preferred_element_type=acc_dtype)
-        return out.astype(preferred_element_type)
 
-    def step(_, xs):
-        t, g, lhs_txK = xs
-        out = jax.lax.cond(
-            t < num_used_tiles,
-            tile_matmul,
-            lambda *_: _zeros_varying_like(
-                (tile_m, n), preferred_element_type, lhs_PxK, *jax.tree.leaves(rhs)
-            ),
-            lhs_txK,
-            g,
-        )
-        return None, out
+        def tile(t, out_PxN):
+            prod = jax.lax.dot_general(
+                _tile(lhs_PxK, t, tile_m), rhs_g, contract, preferred_element_type=acc_dtype
+            )
+            return _set_tile(out_PxN, t, prod, tile_m)
 
-    xs = (
-        jnp.arange(num_tiles, dtype=jnp.int32),
-        tile_group_Tp,
-        lhs_PxK.reshape(num_tiles, tile_m, k),
+        return jax.lax.fori_loop(first, end, tile, out_PxN)
+
+    out = _zeros_varying_like(
+        (num_tiles * tile_m, n), preferred_element_type, lhs_PxK, *jax.tree.leaves(rhs)
     )
-    _, out_TpxtxN = jax.lax.scan(step, None, xs)
-    return out_TpxtxN.reshape(num_tiles * tile_m, n)
+    return _group_tile_loop(tile_group_Tp, num_used_tiles, rhs.shape[0], group, out)
 
 
 def _layout(
@@ -279,29 +301,26 @@ def tgmm_padded(
     Returns:
       [G, K, N]; groups with no tile are zero. Accumulates in float32 (or wider), then casts.
     """
-    num_tiles = tile_group_Tp.shape[0]
     k, n = lhs_PxK.shape[1], grad_PxN.shape[1]
     acc_dtype = jnp.promote_types(preferred_element_type, jnp.float32)
 
-    def step(acc_GxKxN, xs):
-        t, g, lhs_txK, grad_txN = xs
-
-        def add(acc):
-            prod_KxN = jax.lax.dot_general(
-                lhs_txK, grad_txN, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype
+    def group(g, first, end, acc_GxKxN):
+        def tile(t, acc_KxN):
+            return acc_KxN + jax.lax.dot_general(
+                _tile(lhs_PxK, t, tile_m),
+                _tile(grad_PxN, t, tile_m),
+                (((0,), (0,)), ((), ())),
+                preferred_element_type=acc_dtype,
             )
-            return acc.at[g].add(prod_KxN)
 
-        return jax.lax.cond(t < num_used_tiles, add, lambda acc: acc, acc_GxKxN), None
+        acc_KxN = jax.lax.fori_loop(
+            first, end, tile, _zeros_varying_like((k, n), acc_dtype, lhs_PxK, grad_PxN)
+        )
+        # Each group is written once, with its own sum: no read-modify-write of [G, K, N].
+        return jax.lax.dynamic_update_index_in_dim(acc_GxKxN, acc_KxN, g, 0)
 
-    xs = (
-        jnp.arange(num_tiles, dtype=jnp.int32),
-        tile_group_Tp,
-        lhs_PxK.reshape(num_tiles, tile_m, k),
-        grad_PxN.reshape(num_tiles, tile_m, n),
-    )
     acc = _zeros_varying_like((num_groups, k, n), acc_dtype, lhs_PxK, grad_PxN)
-    acc, _ = jax.lax.scan(step, acc, xs)
+    acc = _group_tile_loop(tile_group_Tp, num_used_tiles, num_groups, group, acc)
     return acc.astype(preferred_element_type)
 
 
@@ -347,12 +366,6 @@ def tgmm_xla(
     )
 
 
-def _tile_scan_xs(num_tiles: int, tile_group_Tp: jax.Array, tile_m: int, *rows: jax.Array):
-    """(tile index, tile group, each [P, N] operand as [T_p, tile_m, N]): a tile scan's xs."""
-    tiles = tuple(r.reshape(num_tiles, tile_m, r.shape[1]) for r in rows)
-    return (jnp.arange(num_tiles, dtype=jnp.int32), tile_group_Tp, *tiles)
-
-
 def mlp_padded(
     x_PxD: jax.Array,
     wi_gate_GxDxF: jax.Array | None,
@@ -364,9 +377,9 @@ def mlp_padded(
     act,
     tile_m: int,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """A whole expert MLP per row tile in one scan: act(x @ wi_gate) * (x @ wi_up) @ wo.
+    """A whole expert MLP per row tile in one loop: act(x @ wi_gate) * (x @ wi_up) @ wo.
 
-    One scan instead of one per matmul keeps the [tile_m, F] hidden activations of a tile in
+    One loop instead of one per matmul keeps the [tile_m, F] hidden activations of a tile in
     cache between the matmuls and the elementwise work, and never writes the [P, F] hidden
     layer; only the pre-activations are kept, as residuals for `mlp_padded_bwd`.
 
@@ -392,26 +405,32 @@ def mlp_padded(
     def dot(a, b):
         return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype)
 
-    def tile_mlp(x_txD, g):
+    def group(g, first, end, outs):
         w_up, w_o, *w_gate = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in weights)
-        pre = (dot(x_txD, w_up).astype(dtype),)
-        if gated:
-            pre += (dot(x_txD, w_gate[0]).astype(dtype),)
-            h_txF = act(pre[1]) * pre[0]
-        else:
-            h_txF = act(pre[0])
-        return dot(h_txF, w_o).astype(dtype), pre
 
-    def skip(x_txD, g):
-        zeros = _zeros_varying_like((tile_m, f), dtype, x_PxD, *weights)
-        return _zeros_varying_like((tile_m, d), dtype, x_PxD, *weights), (zeros,) * (1 + gated)
+        def tile(t, outs):
+            y_PxD, pre_PxF = outs
+            x_txD = _tile(x_PxD, t, tile_m)
+            pre = (dot(x_txD, w_up).astype(dtype),)
+            if gated:
+                pre += (dot(x_txD, w_gate[0]).astype(dtype),)
+                h_txF = act(pre[1]) * pre[0]
+            else:
+                h_txF = act(pre[0])
+            y_PxD = _set_tile(y_PxD, t, dot(h_txF, w_o), tile_m)
+            return y_PxD, tuple(
+                _set_tile(b, t, v, tile_m) for b, v in zip(pre_PxF, pre, strict=True)
+            )
 
-    def step(_, xs):
-        t, g, x_txD = xs
-        return None, jax.lax.cond(t < num_used_tiles, tile_mlp, skip, x_txD, g)
+        return jax.lax.fori_loop(first, end, tile, outs)
 
-    _, (y, pre) = jax.lax.scan(step, None, _tile_scan_xs(num_tiles, tile_group_Tp, tile_m, x_PxD))
-    return y.reshape(-1, d), tuple(p.reshape(-1, f) for p in pre)
+    rows = num_tiles * tile_m
+    outs = (
+        _zeros_varying_like((rows, d), dtype, x_PxD, *weights),
+        (_zeros_varying_like((rows, f), dtype, x_PxD, *weights),) * (1 + gated),
+    )
+    num_groups = wi_up_GxDxF.shape[0]
+    return _group_tile_loop(tile_group_Tp, num_used_tiles, num_groups, group, outs)
 
 
 def mlp_padded_bwd(
@@ -427,18 +446,16 @@ def mlp_padded_bwd(
     act,
     tile_m: int,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
-    """Gradients of `mlp_padded` in one scan over the tiles.
+    """Gradients of `mlp_padded` in one loop over the groups and their tiles.
 
-    Each tile's weight gradients are added to its group's slice of float32 (or wider)
-    accumulators carried through the scan; padding rows are zero in x and in the hidden
-    activations (act(0) = 0), so they add nothing.
+    Each tile's weight gradients are summed in float32 (or wider) [D, F] accumulators carried
+    through its group's tile loop, which then writes them to the group's slice once; padding
+    rows are zero in x and in the hidden activations (act(0) = 0), so they add nothing.
 
     Returns:
       d_x_PxD (zero on skipped tiles), d_wi_gate (None if not gated), d_wi_up, d_wo, in the
       dtypes of their primals.
     """
-    num_tiles = tile_group_Tp.shape[0]
-    d = x_PxD.shape[1]
     dtype = x_PxD.dtype
     gated = wi_gate_GxDxF is not None
     acc_dtype = jnp.promote_types(dtype, jnp.float32)
@@ -447,37 +464,48 @@ def mlp_padded_bwd(
     def dot(a, b, dims):
         return jax.lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=acc_dtype)
 
-    def tile_grads(acc, x_txD, dy_txD, g, *pre):
+    def group(g, first, end, carry):
+        d_x_PxD, acc = carry
         w_up, w_o, *w_gate = (jax.lax.dynamic_index_in_dim(w, g, keepdims=False) for w in weights)
-        if gated:
-            h_txF, h_vjp = jax.vjp(lambda gate, up: act(gate) * up, pre[1], pre[0])
-        else:
-            h_txF, h_vjp = jax.vjp(act, pre[0])
-        d_h = dot(dy_txD, w_o, ((1,), (1,))).astype(dtype)
-        d_pre = h_vjp(d_h)
-        d_pre = (d_pre[1], d_pre[0]) if gated else d_pre
-        d_x = dot(d_pre[0], w_up, ((1,), (1,)))
-        if gated:
-            d_x = d_x + dot(d_pre[1], w_gate[0], ((1,), (1,)))
-        d_w = (dot(x_txD, d_pre[0], ((0,), (0,))), dot(h_txF, dy_txD, ((0,), (0,))))
-        if gated:
-            d_w += (dot(x_txD, d_pre[1], ((0,), (0,))),)
-        acc = tuple(a.at[g].add(dw) for a, dw in zip(acc, d_w, strict=True))
-        return acc, d_x.astype(dtype)
 
-    def skip(acc, x_txD, *_):
-        return acc, _zeros_varying_like((tile_m, d), dtype, x_PxD, dy_PxD, *weights)
+        def tile(t, carry):
+            d_x_PxD, acc_g = carry
+            x_txD, dy_txD = _tile(x_PxD, t, tile_m), _tile(dy_PxD, t, tile_m)
+            pre = tuple(_tile(r, t, tile_m) for r in residuals)
+            if gated:
+                h_txF, h_vjp = jax.vjp(lambda gate, up: act(gate) * up, pre[1], pre[0])
+            else:
+                h_txF, h_vjp = jax.vjp(act, pre[0])
+            d_h = dot(dy_txD, w_o, ((1,), (1,))).astype(dtype)
+            d_pre = h_vjp(d_h)
+            d_pre = (d_pre[1], d_pre[0]) if gated else d_pre
+            d_x = dot(d_pre[0], w_up, ((1,), (1,)))
+            if gated:
+                d_x = d_x + dot(d_pre[1], w_gate[0], ((1,), (1,)))
+            d_w = (dot(x_txD, d_pre[0], ((0,), (0,))), dot(h_txF, dy_txD, ((0,), (0,))))
+            if gated:
+                d_w += (dot(x_txD, d_pre[1], ((0,), (0,))),)
+            acc_g = tuple(a + dw for a, dw in zip(acc_g, d_w, strict=True))
+            return _set_tile(d_x_PxD, t, d_x, tile_m), acc_g
 
-    def step(acc, xs):
-        t, g, x_txD, dy_txD, *pre = xs
-        return jax.lax.cond(t < num_used_tiles, tile_grads, skip, acc, x_txD, dy_txD, g, *pre)
+        zeros = tuple(
+            _zeros_varying_like(w.shape[1:], acc_dtype, x_PxD, dy_PxD, *weights) for w in weights
+        )
+        d_x_PxD, acc_g = jax.lax.fori_loop(first, end, tile, (d_x_PxD, zeros))
+        # Each group's slice is written once, with its own sum (zeros for a group without rows).
+        acc = tuple(
+            jax.lax.dynamic_update_index_in_dim(a, a_g, g, 0)
+            for a, a_g in zip(acc, acc_g, strict=True)
+        )
+        return d_x_PxD, acc
 
     acc = tuple(_zeros_varying_like(w.shape, acc_dtype, x_PxD, dy_PxD, *weights) for w in weights)
-    xs = _tile_scan_xs(num_tiles, tile_group_Tp, tile_m, x_PxD, dy_PxD, *residuals)
-    acc, d_x = jax.lax.scan(step, acc, xs)
+    d_x = _zeros_varying_like(x_PxD.shape, dtype, x_PxD, dy_PxD, *weights)
+    num_groups = wi_up_GxDxF.shape[0]
+    d_x, acc = _group_tile_loop(tile_group_Tp, num_used_tiles, num_groups, group, (d_x, acc))
     d_w = tuple(a.astype(w.dtype) for a, w in zip(acc, weights, strict=True))
     d_gate = d_w[2] if gated else None
-    return d_x.reshape(-1, d), d_gate, d_w[0], d_w[1]
+    return d_x, d_gate, d_w[0], d_w[1]
 
 
 GMM_KERNELS = GmmKernels(gmm=gmm_xla, tgmm=tgmm_xla, config_type=XlaConfig, tuned_configs=None)
