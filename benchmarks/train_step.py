@@ -17,6 +17,9 @@ once, so machine load hits all rows alike; the table gives medians and the ratio
 moejax / transformers. FLOP/s: the train step's model FLOPs (6 x active matmul params +
 attention per token, the trainer's MFU count) over its median time, against the fastest of 5
 jitted float32 2048^3 matmuls on this machine.
+The script restarts itself with the glibc malloc tunables of `moejax.hostenv`, as the training
+CLI does, so both libraries run with them; MOEJAX_HOST_MALLOC=0 measures glibc's defaults, and
+the table's header says which ran.
 Results: a table on stdout and benchmarks/results/train_step.{md,json}.
 """
 
@@ -25,6 +28,12 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from moejax.hostenv import host_malloc_active, reexec_with_host_malloc  # noqa: E402
+
+# Before jax and torch are imported: both libraries then run with the malloc tunables that
+# `python -m moejax.train` uses (moejax.hostenv); MOEJAX_HOST_MALLOC=0 measures without them.
+reexec_with_host_malloc()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -184,7 +193,8 @@ def main() -> None:
     lines = [
         f"V{V} D{D} {LAYERS} layers {HEADS} heads L{L} B{B}, MoE {E}x{F_EXPERT} top-{K}; "
         f"median of {args.rounds} interleaved rounds; {platform.node()}, {os.cpu_count()} CPUs; "
-        f"2048^3 float32 matmul {rate / 1e9:.0f} GFLOP/s"
+        f"2048^3 float32 matmul {rate / 1e9:.0f} GFLOP/s; "
+        f"malloc: {'moejax.hostenv tunables' if host_malloc_active() else 'glibc defaults'}"
         + (f"; moejax overrides {overrides}" if overrides else ""),
         "",
         "| model | moejax ms | transformers ms | moejax / transformers | moejax GFLOP/s | "
@@ -214,7 +224,8 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    cmd = "python benchmarks/train_step.py" + "".join(f" --set {s}" for s in args.set)
+    opt_out = "MOEJAX_HOST_MALLOC=0 " if os.environ.get("MOEJAX_HOST_MALLOC") == "0" else ""
+    cmd = f"{opt_out}python benchmarks/train_step.py" + "".join(f" --set {s}" for s in args.set)
     out = pathlib.Path(args.out) if args.out else RESULTS / "train_step"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(f"Command: `{cmd}`\n\n{table}\n")
