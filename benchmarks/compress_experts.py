@@ -16,6 +16,8 @@ compresses every MoE layer to --experts experts with:
                        by router-logit similarity, hidden units aligned by weight matching, then
                        usage-weighted averages (router columns merged alike)
   merge: plain avg     the same groups and weights without the alignment (the ablation)
+  merge: EASY-EP centres  MC-SMoE with the centres picked by gate-weighted output norm (the
+                       pruning score that keeps the best experts here) instead of usage
 
   quantize: int8 / int4  the uncompressed model's experts with qwix int8 / int4 weights
                        (per channel, or groups of 32 contraction rows), and the "mixed" policy
@@ -65,6 +67,7 @@ METHODS = (
     ("prune: random", "prune", {"score": "random"}),
     ("merge: MC-SMoE", "merge", {}),
     ("merge: plain average", "merge", {"align": False}),
+    ("merge: MC-SMoE, EASY-EP centres", "merge", {"centres": "output_norm"}),
     ("quantize: int8", "quantize", {"bits": 8}),
     ("quantize: int4", "quantize", {"bits": 4}),
     ("quantize: int4, groups of 32", "quantize", {"bits": 4, "group_size": 32}),

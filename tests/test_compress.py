@@ -271,6 +271,13 @@ def test_selection_rules():
     # Merging: centres are the most used; members join the most similar centre.
     groups = expert_groups(_hand_stats([6, 5, 4, 1, 3, 2], gram=cols.T @ cols), 4, 1)
     assert [list(g) for g in groups] == [[0, 3], [1], [2, 5], [4]]
+    # centres="output_norm": the centres are the largest gate-weighted norms (1, 3, 4, 5);
+    # 0 and 2 join their most similar centre (3 is 0's near-copy, 5 is 2's).
+    s = _hand_stats([6, 5, 4, 1, 3, 2], gram=cols.T @ cols, weighted=[0.1, 5, 0.2, 3, 4, 1])
+    groups = expert_groups(s, 4, 1, centres="output_norm")
+    assert [list(g) for g in groups] == [[1], [3, 0], [4], [5, 2]]
+    with pytest.raises(ValueError, match="centres='usage' is invalid: allowed values are"):
+        expert_groups(s, 4, 1, centres="usage")
 
 
 @pytest.mark.parametrize("gated", [True, False])

@@ -85,5 +85,11 @@ def test_cli_errors_name_the_argument(source_run, tmp_path, capsys):
         == 2
     )
     assert "num_experts=9" in capsys.readouterr().err
+    merge_by_similarity = ["--experts", "4", "--method", "merge", "--score", "similarity"]
+    assert (
+        main(["--workdir", str(source_run), "--out", str(tmp_path / "o"), *merge_by_similarity])
+        == 2
+    )
+    assert "--score='similarity' is invalid with --method=merge" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--workdir", str(source_run), "--out", "o", "--experts", "4", "--method", "x"])

@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 
 from moejax import sharding
-from moejax.compress.merge import merge_experts
+from moejax.compress.merge import MERGE_CENTRES, merge_experts
 from moejax.compress.prune import PRUNE_SCORES, prune_experts
 from moejax.compress.quantize import QUANT_POLICIES, expert_nbytes, quantize_experts
 from moejax.compress.stats import routing_stats
@@ -169,6 +169,11 @@ def _check_args(experts, method, score, bits, group_size, policy, keep_fraction)
         raise ValueError(f"--method={method!r} is invalid: allowed values are {METHODS}")
     if method == "prune" and score not in PRUNE_SCORES:
         raise ValueError(f"--score={score!r} is invalid: allowed values are {PRUNE_SCORES}")
+    if method == "merge" and score not in MERGE_CENTRES:
+        raise ValueError(
+            f"--score={score!r} is invalid with --method=merge (it picks the centres): allowed "
+            f"values are {MERGE_CENTRES}"
+        )
     if bits is None:
         return
     if bits not in EXPERT_BITS:
@@ -247,7 +252,9 @@ def compress_run(
       out: the new run directory; must not hold a checkpoint already.
       experts: experts per MoE layer after merging/pruning; None = no such stage.
       method: "merge" (MC-SMoE, `merge_experts`) or "prune" (`prune_experts`); with experts.
-      score: the pruning score (method="prune"): "frequency", "output_norm" or "similarity".
+      score: the pruning score (method="prune"): "frequency", "output_norm" or "similarity";
+        with method="merge" the score the centres are the top of: "frequency" (MC-SMoE) or
+        "output_norm".
       bits: quantize the experts to 8 or 4 bits (`quantize_experts`) after the merge/prune
         stage, if any; None = no quantization.
       group_size: quantization: contraction rows per scale (dividing d_model and moe.d_ff);
@@ -311,10 +318,11 @@ def compress_run(
     if experts is not None:
         stats = routing_stats(new_cfg, new_vars, calib)
         if method == "merge":
-            new_cfg, new_vars = merge_experts(new_cfg, new_vars, stats, experts)
+            new_cfg, new_vars = merge_experts(new_cfg, new_vars, stats, experts, centres=score)
+            name = "merge" if score == "frequency" else f"merge ({score} centres)"
         else:
             new_cfg, new_vars = prune_experts(new_cfg, new_vars, stats, experts, score=score)
-        name = method if method == "merge" else f"prune ({score})"
+            name = f"prune ({score})"
         new_config.moe.num_experts = new_cfg.moe.num_experts
         new_state, new_setup = as_run(new_cfg, new_vars, "compressed")
         loss = evaluate(new_setup, new_state, eval_set)
@@ -413,7 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the new run directory")
     p.add_argument("--experts", type=int, default=None, help="experts per MoE layer after")
     p.add_argument("--method", default=None, choices=METHODS, help="with --experts")
-    p.add_argument("--score", default="frequency", choices=PRUNE_SCORES, help="for prune")
+    p.add_argument(
+        "--score",
+        default="frequency",
+        choices=PRUNE_SCORES,
+        help="prune: the score kept experts are the top of; merge: the centres' (frequency or "
+        "output_norm)",
+    )
     p.add_argument("--bits", type=int, default=None, choices=EXPERT_BITS, help="quantize experts")
     p.add_argument("--group_size", type=int, default=None, help="rows per scale (--bits)")
     p.add_argument("--policy", default="uniform", choices=QUANT_POLICIES, help="for --bits")

@@ -2,7 +2,9 @@
 
 Per MoE layer (and per expert group under group-limited routing):
 
-1. Centres: the N most used experts (usage frequency; ties: the lower index).
+1. Centres: the N most used experts (usage frequency; ties: the lower index), or with
+   centres="output_norm" the N with the largest gate-weighted output norm (EASY-EP's pruning
+   score, `moejax.compress.prune`): a variant, not the paper's choice.
 2. Grouping: every other expert joins the centre whose router-logit column is most similar to
    its own (cosine over the calibration tokens, `LayerStats.similarity`).
 3. Alignment: an expert MLP is unchanged by any permutation of its F hidden units, so before
@@ -75,28 +77,40 @@ def permute_hidden_units(weights: Mapping[str, Any], perm: np.ndarray) -> dict[s
     }
 
 
-def expert_groups(stats: LayerStats, num_experts: int, n_groups: int) -> list[np.ndarray]:
+MERGE_CENTRES = ("frequency", "output_norm")
+
+
+def expert_groups(
+    stats: LayerStats, num_experts: int, n_groups: int, centres: str = "frequency"
+) -> list[np.ndarray]:
     """MC-SMoE grouping of one layer: N groups, each [centre, members...] of expert indices.
 
     Args:
-      stats: the layer's statistics (frequency, similarity).
+      stats: the layer's statistics (frequency, similarity, gate-weighted output norms).
       num_experts: N, a multiple of n_groups.
       n_groups: routing groups; each keeps N / n_groups centres and its members stay inside.
+      centres: the score the centres are the top of, one of MERGE_CENTRES (module docstring).
 
     Returns:
       N int arrays, ordered by their centre's index; every expert is in exactly one.
     """
-    freq, sim = stats.frequency, stats.similarity
+    if centres not in MERGE_CENTRES:
+        raise ValueError(
+            f"centres={centres!r} is invalid: allowed values are "
+            f"{', '.join(map(repr, MERGE_CENTRES))}"
+        )
+    score = stats.frequency if centres == "frequency" else stats.weighted_norm_sum_E
+    sim = stats.similarity
     per_group = num_experts // n_groups
     groups = []
     for block in np.arange(stats.num_experts).reshape(n_groups, -1):
-        centres = np.sort(block[np.argsort(-freq[block], kind="stable")[:per_group]])
-        members = {int(c): [int(c)] for c in centres}
+        centre_ids = np.sort(block[np.argsort(-score[block], kind="stable")[:per_group]])
+        members = {int(c): [int(c)] for c in centre_ids}
         for m in block:
             if m not in members:
                 # argmax: ties go to the lower-index centre.
-                members[int(centres[np.argmax(sim[m, centres])])].append(int(m))
-        groups.extend(np.asarray(members[int(c)]) for c in centres)
+                members[int(centre_ids[np.argmax(sim[m, centre_ids])])].append(int(m))
+        groups.extend(np.asarray(members[int(c)]) for c in centre_ids)
     return groups
 
 
@@ -142,6 +156,7 @@ def merge_experts(
     num_experts: int,
     *,
     align: bool = True,
+    centres: str = "frequency",
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """MC-SMoE merging of every MoE layer's E experts into num_experts (module docstring).
 
@@ -152,6 +167,9 @@ def merge_experts(
       num_experts: N merged experts per layer, in [1, E] (a multiple of moe.n_groups).
       align: permute each member's hidden units onto its centre's before averaging (MC-SMoE);
         False averages them as they are (plain averaging, the ablation).
+      centres: "frequency" (MC-SMoE: the most used experts) or "output_norm" (the largest
+        gate-weighted output norms); the members' averaging weights are usage frequencies
+        either way.
 
     Returns:
       (model_cfg with moe.num_experts = N, variables with N experts per layer: merged expert
@@ -166,7 +184,7 @@ def merge_experts(
     e, n_groups = model_cfg.moe.num_experts, model_cfg.moe.n_groups
     plans = {}
     for s in stats:
-        groups = expert_groups(s, num_experts, n_groups)
+        groups = expert_groups(s, num_experts, n_groups, centres)
         plans[s.layer] = (groups, _merge_matrix(groups, s.frequency, e))
 
     def edit(layer: int, collection: str, moe: dict) -> dict:
