@@ -12,6 +12,9 @@ statistics (`moejax.compress.routing_stats`) on --calib_batches batches of the r
 split (or of its training split), then in stages:
 
   --experts=N --method=merge|prune   merges (MC-SMoE) or prunes every MoE layer to N experts;
+      [--score=S]                    prune: the score kept experts are the top of (frequency,
+                                     output_norm, similarity, random); merge: the centres'
+                                     (frequency, MC-SMoE's, or output_norm);
   --bits=8|4 [--group_size=G] [--policy=uniform|mixed]
                                      quantizes the (compressed) routed experts
                                      (`moejax.compress.quantize_experts`: int8/int4 values, a

@@ -2,8 +2,9 @@
 
 `expert_mlp_padded` runs each row tile's whole expert MLP in one loop over the experts and
 their tiles (the XLA/CPU path of the dropless MoE layer), with a custom VJP whose backward is
-again one such loop (`xla_gmm.mlp_padded_bwd`). The rows come from `padded_layout` (every group starts on a tile
-boundary), so the caller gathers tokens straight into that layout and back.
+again one such loop (`xla_gmm.mlp_padded_bwd`). The rows come from `padded_layout` (every
+group starts on a tile boundary), so the caller gathers tokens straight into that layout and
+back.
 
 Legend: P padded rows (= T_p * tile_m), D model width, F hidden width, G groups (experts),
 T_p row tiles.

@@ -9,8 +9,9 @@ partial tile per group, plus two row gathers (in and out of the padded layout). 
 weight slice is taken once per group, not once per tile, and the tile loops run only over used
 tiles, so no per-tile branch carries the [G, K, N] weight-gradient accumulators. (In a profile
 of the earlier tile scan, each tile's `lax.cond` took 0.45 ms of its own; the train step's time
-did not change measurably with the loops, `benchmarks/train_step.py`.) A quantized rhs (`moejax.pallas.QuantizedWeight`) is dequantized one group slice at a time, so no
-[G, K, N] float weight is built.
+did not change measurably with the loops, `benchmarks/train_step.py`.) A quantized rhs
+(`moejax.pallas.QuantizedWeight`) is dequantized one group slice at a time, so no [G, K, N]
+float weight is built.
 
 The padded layout is the shared group-tile work list (`moejax.pallas.metadata`) of the group
 sizes rounded up to whole tiles. The functions are plain (no custom_vjp): `moejax.pallas.ops`
