@@ -5,9 +5,9 @@
 
 Rows (each: jitted value-and-grad w.r.t. every weight and the input, median of --repeats):
   moejax MoE, dropless         the layer as configured by default on CPU (gmm_backend="auto":
-                               tokens gathered straight into the tile-padded layout, one scan
-                               over row tiles runs each tile's whole expert MLP, one its
-                               backward);
+                               tokens gathered straight into the tile-padded layout, one loop
+                               over the experts and their row tiles runs each tile's whole
+                               expert MLP, one its backward);
   moejax MoE, compact layout   same router/weights, rows unpadded and the experts run through
                                the public moejax.pallas.gmm (backend "xla"), which pads inside;
   moejax MoE, ragged_dot       gmm_backend="ragged_dot" (jax.lax.ragged_dot: every group dense);

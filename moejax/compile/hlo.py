@@ -373,7 +373,7 @@ _COMPUTE_OPS = ("fusion", "custom-call", "while", "dot", "convolution")
 
 
 def _is_matmul_work(instr: _Instr) -> bool:
-    # A grouped matmul: a Pallas kernel, a loop (the XLA gmm's tile scan), or a bare dot.
+    # A grouped matmul: a Pallas kernel, a loop (the XLA gmm's tile loop), or a bare dot.
     if instr.op == "custom-call":
         return _kernel_name(instr) is not None
     return instr.op in ("while", "dot", "convolution")

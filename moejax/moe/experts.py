@@ -5,7 +5,7 @@ row through its expert's MLP; the grouped matmuls go through `moejax.pallas` onl
 
 - "compact": rows sorted by expert -> `moejax.pallas.gmm` for each of the MLP's matmuls;
 - "padded": each expert's rows start on a row tile -> `moejax.pallas.expert_mlp_padded`, one
-  scan over row tiles running each tile's whole MLP (the CPU path);
+  loop over the experts' row tiles running each tile's whole MLP (the CPU path);
 - "buffers": [E, C, D] per-expert buffers -> one batched einsum per matmul.
 
 The compact and buffers layouts name the wi outputs "moe_mlpwi" and the activation "moe_act"

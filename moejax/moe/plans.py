@@ -11,8 +11,8 @@ each token's rows back and sums them with the router weights in float32:
   grouped matmul. Layout "compact" (R = T * K, for `moejax.pallas.gmm`) or, on the XLA
   backend, "padded": rows placed directly in the tile-padded layout of
   `moejax.pallas.padded_layout` (each expert starts on a tile boundary), so the one gather that
-  dispatch needs anyway also does the padding, and one scan over row tiles runs each tile's
-  whole expert MLP (`moejax.pallas.expert_mlp_padded`).
+  dispatch needs anyway also does the padding, and one loop over the experts' row tiles runs
+  each tile's whole expert MLP (`moejax.pallas.expert_mlp_padded`).
 - capacity: layout "buffers", R = E * C slots; an over-full expert keeps its first C
   assignments in priority order ("position": token order, then choice rank; "probs": highest
   router weight first) and drops the rest (a dropped assignment contributes zero). Experts run

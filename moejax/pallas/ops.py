@@ -16,7 +16,8 @@ gradient (a float0 zero), the float scales get theirs from the weight gradient t
 d scale = sum over each scale group of values * d_rhs.
 
 Backends (rows of `moejax.pallas.backends.BACKEND_TABLE`, dispatched through it):
-  "xla"        grouped scan over row tiles in plain XLA (moejax.pallas.xla_gmm), the CPU path;
+  "xla"        a loop over the groups' row tiles in plain XLA (moejax.pallas.xla_gmm), the CPU
+               path;
   "triton"     Pallas kernels lowered through Triton (GPU), moejax.pallas.triton_gmm;
   "mosaic"     Pallas kernels lowered through Mosaic (TPU), moejax.pallas.mosaic_gmm;
   "ragged_dot" jax.lax.ragged_dot / ragged_dot_general (moejax.pallas.ragged_gmm), the
