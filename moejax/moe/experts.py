@@ -10,7 +10,7 @@ row through its expert's MLP; the grouped matmuls go through `moejax.pallas` onl
 
 The compact and buffers layouts name the wi outputs "moe_mlpwi" and the activation "moe_act"
 (`mlp_hidden(..., name_prefix="moe")`) for the remat policies; the padded layout cannot: its
-hidden activations live inside the fused scan, whose custom VJP keeps the pre-activations as
+hidden activations live inside the fused tile loop, whose custom VJP keeps the pre-activations as
 its own residuals, so a policy sees only the rows going in and out (named by the caller,
 `moejax.moe.pipeline.apply_plan`).
 

@@ -62,7 +62,8 @@ class GmmBackend:
 BACKEND_TABLE: dict[str, GmmBackend] = {
     b.name: b
     for b in (
-        # Tile-padded lax.scan: only the real FLOPs on CPU, where ragged_dot computes all groups.
+        # Loops over each group's padded row tiles: only the real FLOPs on CPU, where
+        # ragged_dot computes all groups.
         GmmBackend("xla", "moejax.pallas.xla_gmm", ("cpu",)),
         GmmBackend("triton", "moejax.pallas.triton_gmm", ("gpu", "cuda", "rocm")),
         GmmBackend("mosaic", "moejax.pallas.mosaic_gmm", ("tpu",)),
